@@ -1,0 +1,1 @@
+"""prefixfleet.registry"""
