@@ -1,1 +1,1 @@
-"""prefixfleet.pipelines"""
+"""Ray orchestration, the CLI, nightly retraining and serving: wires workers to the registry."""

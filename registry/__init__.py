@@ -1,1 +1,1 @@
-"""prefixfleet.registry"""
+"""Per-user prefix registry on MLflow + an object store (file:// or s3://). Needs no torch."""

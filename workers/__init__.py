@@ -1,1 +1,2 @@
-"""prefixfleet.workers"""
+"""Pure-PyTorch prefix-tuning core: prefix methods, architecture adapters, trainers, generation,
+artifact (de)serialization and PEFT interop. Imports torch, transformers and safetensors only."""
