@@ -1,0 +1,97 @@
+"""Each method × each family trains below the no-prefix baseline, generates, and round-trips
+through safetensors; the backbone is never modified (invariant 6)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.workers.conftest import FAMILIES, examples_for
+from workers.artifact import ArtifactMeta, deserialize, serialize
+from workers.backbone import weights_checksum
+from workers.data import data_fingerprint
+from workers.generate import generate
+from workers.spec import METHODS, PrefixSpec, TrainConfig
+from workers.trainer import UserJob, train_user
+
+CONFIG = TrainConfig(steps=30, batch_size=8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_generates_and_round_trips(backbones, family, method):
+    backbone = backbones[family]
+    before = weights_checksum(backbone.model)
+    examples = examples_for(3)
+    spec = PrefixSpec(method=method, num_virtual_tokens=6, reparam_hidden=64)
+    result = train_user(backbone, UserJob("alice", examples, spec, CONFIG))
+
+    assert result.eval_loss < result.baseline_eval_loss - 0.3, (result.eval_loss, result.baseline_eval_loss)
+    assert len(result.loss_curve) == CONFIG.steps
+    assert all(not p.requires_grad for p in backbone.model.parameters())
+    assert weights_checksum(backbone.model) == before
+
+    meta = ArtifactMeta("ns", "alice", spec, backbone.fingerprint, data_fingerprint(examples))
+    blob = serialize(result.tensors, meta)
+    tensors, loaded = deserialize(blob, backbone_fingerprint=backbone.fingerprint)
+    assert loaded == ArtifactMeta("ns", "alice", spec, backbone.fingerprint, data_fingerprint(examples), loaded.created_at)
+    assert tensors.keys() == result.tensors.keys()
+    for name in tensors:
+        assert torch.equal(tensors[name], result.tensors[name])
+
+    greedy = generate(backbone, [tensors], ["order 3 kite for Bo\n"], max_new_tokens=8)
+    sampled = generate(backbone, [tensors], ["order 3 kite for Bo\n"], max_new_tokens=8, do_sample=True, seed=0)
+    assert isinstance(greedy[0], str) and isinstance(sampled[0], str)
+    assert greedy == generate(backbone, [tensors], ["order 3 kite for Bo\n"], max_new_tokens=8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_storage_size_and_dtypes(backbones, dtype):
+    backbone = backbones["llama"]
+    spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=16, dtype=dtype)
+    g = backbone.stacks["decoder"]
+    tensors = {"decoder": torch.randn(g.shape(16))}
+    blob = serialize(tensors, ArtifactMeta("ns", "u", spec, backbone.fingerprint, "d" * 64))
+    raw = g.numel(16) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    assert len(blob) <= 1.01 * raw + 1024
+    loaded, _ = deserialize(blob)
+    assert torch.allclose(loaded["decoder"], tensors["decoder"], atol=0.02, rtol=0.01)
+
+
+def test_text_init_starts_from_real_token_activations(backbones):
+    backbone = backbones["gpt2"]
+    spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5, init_text="Dear Ana")
+    from workers.prefix import UserPrefix
+    from workers.architectures import text_activations
+    module = UserPrefix(backbone, spec, torch.Generator().manual_seed(0))
+    ids = torch.tensor(backbone.tokenizer("Dear Ana", add_special_tokens=False).input_ids[:5])
+    expected = text_activations(backbone.family, backbone.model, ids)["decoder"]
+    assert torch.equal(module()["decoder"], expected)
+    # `prefix` starts at the same tensors: base + MLP(E) with the MLP's last layer at zero.
+    reparam = UserPrefix(backbone, spec.with_(method="prefix"), torch.Generator().manual_seed(0))
+    assert torch.equal(reparam()["decoder"].detach(), expected)
+
+
+def test_warm_start_continues_from_an_earlier_prefix(backbones):
+    backbone = backbones["gpt2"]
+    spec = PrefixSpec(method="prefix", num_virtual_tokens=6, reparam_hidden=64)
+    first = train_user(backbone, UserJob("bob", examples_for(5), spec, CONFIG))
+    warm = train_user(backbone, UserJob("bob", examples_for(5), spec, TrainConfig(steps=1, lr=1e-9), start=first.tensors))
+    assert warm.eval_loss == pytest.approx(first.eval_loss, abs=1e-3)
+
+
+def test_t5_encoder_prefix_changes_the_encoder_output(backbones):
+    backbone = backbones["t5"]
+    from workers.architectures import encoder_prefix
+    ids = backbone.tokenizer(["order 3 kite for Bo"], return_tensors="pt").input_ids
+    encoder = backbone.model.get_encoder()
+    g = backbone.stacks["encoder"]
+    plain = encoder(input_ids=ids).last_hidden_state
+    outs = []
+    for seed in (0, 1):
+        rows = torch.randn((1, *g.shape(4)), generator=torch.Generator().manual_seed(seed))
+        with encoder_prefix(rows):
+            outs.append(encoder(input_ids=ids).last_hidden_state)
+    assert outs[0].shape == plain.shape
+    assert not torch.allclose(outs[0], plain)
+    assert not torch.allclose(outs[0], outs[1])
+    assert torch.equal(encoder(input_ids=ids).last_hidden_state, plain)  # hooks inactive outside the block

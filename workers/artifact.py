@@ -1,0 +1,84 @@
+"""A prefix as safetensors bytes plus typed metadata; loading checks the backbone binding."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from workers.errors import BackboneMismatch, BadArtifact
+from workers.prefix import PrefixTensors
+from workers.spec import PrefixSpec
+
+FORMAT = "prefixfleet/1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """What a prefix is bound to. Stored as the safetensors header's `__metadata__` (all strings)."""
+
+    namespace: str
+    user_id: str
+    spec: PrefixSpec
+    backbone_fingerprint: str
+    data_fingerprint: str
+    created_at: str = ""
+
+    def to_header(self) -> dict[str, str]:
+        return {
+            "format": FORMAT, "namespace": self.namespace, "user_id": self.user_id,
+            "spec": self.spec.to_json(), "backbone_fingerprint": self.backbone_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "created_at": self.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @classmethod
+    def from_header(cls, header: dict[str, str]) -> ArtifactMeta:
+        if header.get("format") != FORMAT:
+            raise BadArtifact(f"not a prefixfleet artifact (format {header.get('format')!r}, expected {FORMAT!r})")
+        try:
+            return cls(header["namespace"], header["user_id"], PrefixSpec.from_json(header["spec"]),
+                       header["backbone_fingerprint"], header["data_fingerprint"], header["created_at"])
+        except (KeyError, ValueError) as exc:
+            raise BadArtifact(f"artifact metadata is incomplete: {exc}") from exc
+
+
+def serialize(tensors: PrefixTensors, meta: ArtifactMeta) -> bytes:
+    """safetensors bytes in the spec's storage dtype; overhead is the header alone."""
+    dtype = _DTYPES[meta.spec.dtype]
+    return st_save({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, metadata=meta.to_header())
+
+
+def read_meta(data: bytes) -> ArtifactMeta:
+    """The metadata alone, from the header (8-byte length + JSON); no tensor is read."""
+    if len(data) < 8:
+        raise BadArtifact("artifact is truncated")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise BadArtifact("artifact header is truncated")
+    try:
+        header = json.loads(data[8:8 + length])
+    except ValueError as exc:
+        raise BadArtifact(f"artifact header is not JSON: {exc}") from exc
+    return ArtifactMeta.from_header(header.get("__metadata__") or {})
+
+
+def deserialize(data: bytes, *, backbone_fingerprint: str | None = None) -> tuple[PrefixTensors, ArtifactMeta]:
+    """Tensors (float32) and metadata. With `backbone_fingerprint`, a prefix made for another
+    backbone is refused."""
+    meta = read_meta(data)
+    if backbone_fingerprint is not None and meta.backbone_fingerprint != backbone_fingerprint:
+        raise BackboneMismatch(
+            f"prefix of user {meta.user_id!r} (namespace {meta.namespace!r}) was trained on backbone "
+            f"{meta.backbone_fingerprint[:12]}…, not on the loaded backbone {backbone_fingerprint[:12]}…"
+        )
+    try:
+        tensors = st_load(data)
+    except SafetensorError as exc:
+        raise BadArtifact(f"artifact tensors are unreadable: {exc}") from exc
+    return {k: v.float() for k, v in tensors.items()}, meta

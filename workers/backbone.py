@@ -1,0 +1,104 @@
+"""The frozen, shared backbone: loading (any HF id or local path), freezing, fingerprinting."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from workers.architectures import Family, StackGeometry, family_for, install_encoder_hooks
+
+
+@dataclass
+class Backbone:
+    """A loaded model + tokenizer, frozen: no parameter requires grad, dropout off, eval mode."""
+
+    name_or_path: str
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    family: Family
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def stacks(self) -> dict[str, StackGeometry]:
+        return self.family.stacks(self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length, when the config states one (T5's relative bias has none)."""
+        for name in ("n_positions", "max_position_embeddings"):
+            if (value := getattr(self.config, name, None)) is not None:
+                return int(value)
+        return None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over config, weights and tokenizer: a prefix is bound to exactly this backbone."""
+        digest = hashlib.sha256()
+        config = self.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
+            config.pop(volatile, None)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        digest.update(weights_checksum(self.model).encode())
+        vocab = self.tokenizer.get_vocab()
+        digest.update(json.dumps(sorted(vocab.items()), separators=(",", ":")).encode())
+        digest.update(json.dumps(self.tokenizer.all_special_tokens).encode())
+        return digest.hexdigest()
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in name order, bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Backbone:
+    """Load any supported HF model id or local save_pretrained directory, frozen."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    family = family_for(config)
+    auto = AutoModelForSeq2SeqLM if family.encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+    if device is not None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    freeze(model)
+    install_encoder_hooks(family, model)
+    return Backbone(name_or_path=str(name_or_path), model=model, tokenizer=tokenizer, family=family)

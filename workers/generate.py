@@ -1,0 +1,81 @@
+"""Generation where each row of the batch carries its own user's prefix, through transformers'
+own `generate`: the prefix enters as a pre-filled cache (deep methods) or as input embeddings
+(prompt tuning); left padding, masks over prefix + prompt and positions come out right for
+every row, so a row's greedy output equals generating for that user alone."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from workers.architectures import encoder_prefix, prefix_cache
+from workers.backbone import Backbone
+from workers.data import pad_rows
+from workers.errors import WorkerError
+from workers.prefix import PrefixTensors, stack_rows
+
+
+def _ones_before(mask: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    prefixes: Sequence[PrefixTensors | None],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[str]:
+    """Continue `prompts[i]` with `prefixes[i]` (None: the bare backbone). Rows must share a
+    prefix layout (method and length); mixed layouts go in separate calls."""
+    if len(prefixes) != len(prompts):
+        raise WorkerError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    if any(p is None for p in prefixes) and not all(p is None for p in prefixes):
+        raise WorkerError("rows with and without a prefix cannot share one batch")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model, family, tok = backbone.model, backbone.family, backbone.tokenizer
+    device = backbone.device
+    if family.encoder_decoder:  # encoder input as in training: text + EOS, right-padded
+        ids = [tok(p, add_special_tokens=False).input_ids + [tok.eos_token_id] for p in prompts]
+        input_ids, mask = pad_rows(ids, tok.pad_token_id), pad_rows([[1] * len(r) for r in ids], 0)
+    else:
+        enc = tok(list(prompts), padding=True, return_tensors="pt", padding_side="left", add_special_tokens=False)
+        input_ids, mask = enc.input_ids, enc.attention_mask
+    if (mask.sum(1) == 0).any():
+        raise WorkerError("a prompt tokenizes to nothing")
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    kwargs: dict = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    rows = None if prefixes[0] is None else stack_rows(
+        [{k: v.to(device, model.dtype) for k, v in p.items()} for p in prefixes], list(range(len(prefixes)))
+    )
+    encoder_rows = None
+    if rows is not None and "prompt" in rows:
+        embeds = torch.cat([rows["prompt"], model.get_input_embeddings()(input_ids)], 1)
+        kwargs.update(inputs_embeds=embeds, attention_mask=_ones_before(mask, rows["prompt"].shape[1]))
+    else:
+        kwargs.update(input_ids=input_ids, attention_mask=mask)
+    if rows is not None and "decoder" in rows:
+        length = rows["decoder"].shape[-2]
+        kwargs["past_key_values"] = prefix_cache(family, rows["decoder"])
+        if family.encoder_decoder:
+            start = torch.full((len(prompts), 1), backbone.config.decoder_start_token_id, device=device)
+            kwargs.update(decoder_input_ids=start, decoder_attention_mask=torch.ones(len(prompts), length + 1, dtype=torch.long, device=device))
+        else:
+            kwargs["attention_mask"] = _ones_before(mask, length)
+        encoder_rows = rows.get("encoder")
+    with encoder_prefix(encoder_rows):
+        out = model.generate(**kwargs)
+    if not family.encoder_decoder and "input_ids" in kwargs:
+        out = out[:, input_ids.shape[1]:]
+    return tok.batch_decode(out, skip_special_tokens=True)
+

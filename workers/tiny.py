@@ -1,0 +1,80 @@
+"""Small random-init backbones with a byte-level tokenizer, written in save_pretrained layout.
+
+No hub is needed: tests and the demo build these locally, then load them through the same
+`from_pretrained(path)` code a real model id goes through.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from workers.errors import WorkerError
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+INIT_RANGE = 0.3  # wide enough that a random model can express peaked distributions
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255, in byte order (what ByteLevel emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (plus pad/eos/bos/unk): any text round-trips, nothing to download."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in _byte_alphabet():
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+
+
+def _config(family: str, hidden: int, layers: int):
+    common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
+                  initializer_range=INIT_RANGE)
+    if family == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common), GPT2LMHeadModel
+    if family == "llama":
+        # Grouped-query attention with an explicit head_dim that is NOT hidden / heads.
+        return LlamaConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 2,
+            max_position_embeddings=512, tie_word_embeddings=False, **common,
+        ), LlamaForCausalLM
+    if family == "t5":
+        return T5Config(
+            d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers, num_decoder_layers=layers,
+            num_heads=4, feed_forward_proj="relu", decoder_start_token_id=PAD_ID, **common,
+        ), T5ForConditionalGeneration
+    raise WorkerError(f"unknown family {family!r}; expected gpt2, llama or t5")
+
+
+def build_backbone(out_dir: str | Path, family: str = "gpt2", *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a small random-init `family` model and its tokenizer to `out_dir`."""
+    config, model_class = _config(family, hidden, layers)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
