@@ -88,12 +88,18 @@ def load_backbone(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> Backbone:
-    """Load any supported HF model id or local save_pretrained directory, frozen."""
+    """Load any supported HF model id or local save_pretrained directory, frozen.
+
+    `attn_implementation="eager"` makes every row's result independent of the other rows and of
+    padding, bit for bit (SDPA's fused CPU kernel rounds differently with the padded length);
+    that is the deterministic mode the packed-equals-alone proofs run in.
+    """
     config = AutoConfig.from_pretrained(name_or_path)
     family = family_for(config)
     auto = AutoModelForSeq2SeqLM if family.encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+    model = auto.from_pretrained(name_or_path, dtype=dtype or torch.float32, attn_implementation=attn_implementation)
     if device is not None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

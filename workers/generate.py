@@ -20,7 +20,7 @@ def _ones_before(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(
+def generate_ids(
     backbone: Backbone,
     prefixes: Sequence[PrefixTensors | None],
     prompts: Sequence[str],
@@ -30,9 +30,10 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
-) -> list[str]:
-    """Continue `prompts[i]` with `prefixes[i]` (None: the bare backbone). Rows must share a
-    prefix layout (method and length); mixed layouts go in separate calls."""
+) -> list[list[int]]:
+    """The new token ids continuing `prompts[i]` with `prefixes[i]` (None: the bare backbone), each
+    row through its first end-of-sequence token. Rows must share a prefix layout (method and
+    length); mixed layouts go in separate calls."""
     if len(prefixes) != len(prompts):
         raise WorkerError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
     if not prompts:
@@ -75,7 +76,39 @@ def generate(
         encoder_rows = rows.get("encoder")
     with encoder_prefix(encoder_rows):
         out = model.generate(**kwargs)
-    if not family.encoder_decoder and "input_ids" in kwargs:
+    if family.encoder_decoder:  # the decoder start token
+        out = out[:, 1:]
+    elif "input_ids" in kwargs:
         out = out[:, input_ids.shape[1]:]
-    return tok.batch_decode(out, skip_special_tokens=True)
+    return [_through_eos(row, _eos_ids(model)) for row in out.tolist()]
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _through_eos(row: list[int], eos: set[int]) -> list[int]:
+    """A row up to and including its first end-of-sequence token (what follows is padding)."""
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+def generate(
+    backbone: Backbone,
+    prefixes: Sequence[PrefixTensors | None],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[str]:
+    """`generate_ids`, decoded: the text continuing each prompt."""
+    ids = generate_ids(backbone, prefixes, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                       temperature=temperature, top_p=top_p, seed=seed)
+    return backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
