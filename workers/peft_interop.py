@@ -78,9 +78,11 @@ def import_peft(backbone: Backbone, adapter_dir: str | Path) -> tuple[PrefixTens
             raise WorkerError("importing PEFT prefix tuning into an encoder-decoder backbone is not supported")
         spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=P)
         g = backbone.stacks["decoder"]
-        if weights.shape != (P, g.numel(P) // P):
-            raise WorkerError(f"adapter prompt_embeddings {tuple(weights.shape)} do not fit this backbone "
-                              f"(expected {(P, g.numel(P) // P)})")
+        declared = (config.get("num_layers"), config.get("num_attention_heads"), config.get("token_dim"))
+        if declared != (g.layers, g.kv_heads, g.kv_heads * g.head_dim) or weights.shape != (P, g.numel(P) // P):
+            raise WorkerError(f"adapter (layers, kv heads, token_dim) {declared} and prompt_embeddings "
+                              f"{tuple(weights.shape)} do not fit this backbone: expected "
+                              f"{(g.layers, g.kv_heads, g.kv_heads * g.head_dim)} and {(P, g.numel(P) // P)}")
         decoder = weights.float().reshape(P, g.layers, 2, g.kv_heads, g.head_dim).permute(1, 2, 3, 0, 4)
         tensors = {"decoder": decoder.contiguous()}
     else:

@@ -1,0 +1,100 @@
+"""Bad input gets a clear error naming the user and example; nothing crashes bare."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from tests.workers.conftest import examples_for
+from workers.architectures import family_for
+from workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
+from workers.data import Example, encode
+from workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
+from workers.spec import PrefixSpec, TrainConfig
+from workers.trainer import UserJob, train_user, train_users
+
+
+def test_empty_example_list_names_the_user(backbones):
+    with pytest.raises(WorkerError, match="user 'carol': no training examples"):
+        train_user(backbones["gpt2"], UserJob("carol", []))
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"text": "   "}, "`text` is empty"),
+    ({"prompt": "hi"}, "completion"),
+    ({"prompt": "hi", "completion": "x", "text": "y"}, "either"),
+    ({"text": 3}, "must be a string"),
+])
+def test_malformed_examples_are_refused(fields, problem):
+    with pytest.raises(BadExample, match=problem):
+        Example(**fields)
+
+
+def test_text_that_tokenizes_to_nothing_names_user_and_example(backbones):
+    backbone = backbones["gpt2"]
+
+    class Silent:  # a tokenizer that drops this text entirely
+        eos_token_id = backbone.tokenizer.eos_token_id
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [] if text == "∅" else [5]})()
+
+    silent = type(backbone)(backbone.name_or_path, backbone.model, Silent(), backbone.family)
+    with pytest.raises(BadExample, match=r"user 'dan', example 1: the text tokenizes to nothing"):
+        encode(silent, [Example(text="ok"), Example(text="∅")], user="dan", limit=64)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_over_long_example_is_truncated_by_the_stated_policy(backbones, family, caplog):
+    backbone = backbones[family]
+    long = Example(prompt="p" * 300, completion="c" * 50)
+    with caplog.at_level(logging.WARNING):
+        encoded, = encode(backbone, [long], user="erin", limit=64)
+    assert "user 'erin', example 0" in caplog.text and "truncated" in caplog.text
+    if family == "gpt2":
+        assert len(encoded.input_ids) == 64
+        kept_completion = [t for t in encoded.labels if t != -100]
+        assert len(kept_completion) == 51  # the whole completion + EOS; the prompt lost its head
+    else:
+        assert len(encoded.input_ids) == 64 and len(encoded.labels) == 51
+
+
+def test_unknown_method_and_bad_settings():
+    with pytest.raises(WorkerError, match="unknown method 'lora'"):
+        PrefixSpec(method="lora")
+    with pytest.raises(WorkerError, match="num_virtual_tokens"):
+        PrefixSpec(num_virtual_tokens=0)
+    with pytest.raises(WorkerError, match="lr must be positive"):
+        TrainConfig(lr=-1.0)
+
+
+def test_unsupported_architecture_names_the_supported_families():
+    with pytest.raises(UnsupportedArchitecture, match="supported families: gpt2.*llama.*t5"):
+        family_for(BertConfig())
+
+
+def test_prefix_for_another_backbone_is_refused(backbones):
+    gpt2, llama = backbones["gpt2"], backbones["llama"]
+    spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=2)
+    g = gpt2.stacks["decoder"]
+    blob = serialize({"decoder": torch.zeros(g.shape(2))}, ArtifactMeta("ns", "fay", spec, gpt2.fingerprint, "d"))
+    assert gpt2.fingerprint != llama.fingerprint
+    with pytest.raises(BackboneMismatch, match="user 'fay'"):
+        deserialize(blob, backbone_fingerprint=llama.fingerprint)
+    assert deserialize(blob, backbone_fingerprint=gpt2.fingerprint)[1].user_id == "fay"
+
+
+def test_corrupt_artifacts_are_refused():
+    with pytest.raises(BadArtifact, match="truncated"):
+        read_meta(b"\x01\x02")
+    with pytest.raises(BadArtifact, match="not a prefixfleet artifact"):
+        from safetensors.torch import save
+        read_meta(save({"x": torch.zeros(1)}))
+
+
+def test_one_bad_user_in_a_batch_does_not_stop_the_others(backbones):
+    jobs = [UserJob("ok", examples_for(0, 8), config=TrainConfig(steps=2)), UserJob("empty", [])]
+    results = train_users(backbones["gpt2"], jobs)
+    assert results[0].ok and not results[1].ok and "empty" in results[1].error
