@@ -78,7 +78,8 @@ class _Slot:
         self.generator = torch.Generator().manual_seed(user_seed(job.config.seed, job.user))
         self.module = UserPrefix(backbone, job.spec, self.generator, job.start).to(backbone.device)
         cfg = job.config
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.learning_rate(job.spec.method), weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.learning_rate(job.spec.method),
+                                           weight_decay=cfg.weight_decay, foreach=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_schedule(cfg.warmup_steps, cfg.steps))
         self.step, self.curve, self.order = 0, [], []
 
@@ -91,16 +92,16 @@ class _Slot:
 
     def apply(self, loss: torch.Tensor) -> str | None:
         """One optimizer step for this user alone; a reason string if the user must stop."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if not math.isfinite(loss.item()) or not all(torch.isfinite(g).all() for g in grads):
+        value = loss.item()
+        norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.job.config.max_grad_norm) if math.isfinite(value) else None
+        if norm is None or not math.isfinite(norm):
             return (f"user {self.job.user!r}: non-finite loss or gradient at step {self.step} "
                     f"on training examples {sorted(self.batch_ids)}")
-        nn.utils.clip_grad_norm_(self.module.parameters(), self.job.config.max_grad_norm)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.curve.append(loss.item())
+        self.curve.append(value)
         return None
 
 
@@ -188,12 +189,14 @@ def _train_group(backbone: Backbone, jobs: Sequence[UserJob], queue: deque, pack
         tensors = [slot.module() for slot in slots]
         loss_sum, count = row_losses(backbone, collate(backbone, items, backbone.device), stack_rows(tensors, owners))
         owner_index = torch.tensor(owners, device=loss_sum.device)
-        per_user = [loss_sum[owner_index == p].sum() / count[owner_index == p].sum() for p in range(len(slots))]
-        finite = [loss for loss in per_user if torch.isfinite(loss)]
-        if finite:
-            torch.stack(finite).sum().backward()
-        for index, slot, loss in zip(indices, slots, per_user):
-            failure = slot.apply(loss.detach())
+        sums = loss_sum.new_zeros(len(slots)).index_add(0, owner_index, loss_sum)
+        tokens = count.new_zeros(len(slots)).index_add(0, owner_index, count)
+        per_user = sums / tokens  # each user's loss is normalized by its own tokens only
+        finite = torch.isfinite(per_user)
+        if finite.any():  # a non-finite user is left out whole: nothing of it reaches the others
+            per_user[finite].sum().backward()
+        for index, slot, loss in zip(indices, slots, per_user.detach()):
+            failure = slot.apply(loss)
             if failure is not None:
                 log.warning("%s", failure)
                 del active[index]

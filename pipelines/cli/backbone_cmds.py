@@ -1,0 +1,88 @@
+"""`init-backbone`, and the PEFT round-trip: `export` a user's prefix, `import` an adapter."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.cli.app import app
+from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
+from workers.artifact import ArtifactMeta, deserialize, serialize
+from workers.backbone import load_backbone
+from workers.errors import WorkerError
+from workers.peft_interop import WEIGHTS_FILE, export_peft, import_peft, read_peft_config
+from workers.tiny import build_backbone
+
+
+@app.command("init-backbone")
+def init_backbone(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model and tokenizer.")],
+    family: Annotated[str, typer.Option(help="gpt2 | llama (GQA, explicit head_dim) | t5")] = "gpt2",
+    seed: Annotated[int, typer.Option(help="Seed of the random init.")] = 0,
+) -> None:
+    """Build a small random-init backbone + byte-level tokenizer (save_pretrained layout)."""
+    try:
+        path = build_backbone(directory, family, seed=seed)
+    except WorkerError as exc:
+        fail(str(exc))
+    typer.echo(str(path))
+
+
+@app.command("export")
+def export(
+    user: Annotated[str, typer.Argument(help="The user whose prefix to export.")],
+    out: Annotated[Path, typer.Option("--out", help="Adapter directory to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="Only `peft` for now.")] = "peft",
+    namespace: NamespaceOption = "default",
+    alias: Annotated[str, typer.Option(help="Which version: an alias.")] = "production",
+    backbone: Annotated[Optional[str], typer.Option(help="Defaults to the one recorded with the prefix.")] = None,
+    home: HomeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a user's prefix as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
+    if fmt != "peft":
+        fail(f"unknown format {fmt!r}; only 'peft' is supported")
+    registry = open_registry(home)
+    key = user_key(namespace, user)
+    try:
+        data = registry.fetch(key, alias)
+        tensors, meta = deserialize(data)
+        model = load_backbone(backbone or meta.backbone)
+        tensors, meta = deserialize(data, backbone_fingerprint=model.fingerprint)
+        export_peft(model, tensors, meta.spec, out)
+    except WorkerError as exc:
+        fail(str(exc))
+    emit({"namespace": namespace, "user_id": user, "out": str(out), "format": fmt,
+          "sha256": hashlib.sha256(data).hexdigest()}, as_json, f"wrote {out}")
+
+
+@app.command("import")
+def import_(
+    directory: Annotated[Path, typer.Argument(help="A PEFT prefix- or prompt-tuning adapter directory.")],
+    user: Annotated[str, typer.Option("--user", help="The user it belongs to.")],
+    namespace: NamespaceOption = "default",
+    backbone: Annotated[Optional[str], typer.Option(help="Defaults to the adapter's base_model_name_or_path.")] = None,
+    promote: Annotated[bool, typer.Option(help="Also make it the production version.")] = False,
+    home: HomeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish a PEFT adapter made elsewhere as the user's prefix (alias `candidate`)."""
+    try:
+        base = backbone or read_peft_config(directory).get("base_model_name_or_path")
+        if not base:
+            fail("the adapter names no base_model_name_or_path; pass --backbone")
+        model = load_backbone(base)
+        tensors, spec = import_peft(model, directory)
+    except (WorkerError, OSError, json.JSONDecodeError) as exc:
+        fail(str(exc))
+    key = user_key(namespace, user)
+    weights_digest = hashlib.sha256((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    meta = ArtifactMeta(namespace, user, spec, model.fingerprint, f"peft:{weights_digest}", backbone=str(base))
+    registry = open_registry(home)
+    ref = registry.publish(key, serialize(tensors, meta), tags={"source": "peft-import"})
+    if promote:
+        ref = registry.promote(key, ref.version)
+    emit(ref.to_json(), as_json, f"published {namespace}/{user} version {ref.version}")

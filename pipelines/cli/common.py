@@ -1,0 +1,45 @@
+"""What every command shares: --home/--namespace/--json options, one-line failures, JSON output."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+from registry import Registry, UserKey
+from registry.errors import RegistryError
+
+HomeOption = Annotated[Optional[Path], typer.Option(
+    "--home", envvar="PREFIXFLEET_HOME", help="Holds the embedded MLflow database and file store (default ~/.prefixfleet).")]
+NamespaceOption = Annotated[str, typer.Option("--namespace", help="Tenant namespace.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Exit non-zero with a one-line reason on stderr."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code)
+
+
+def emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
+    """The result: one JSON object on stdout with --json, else a human line."""
+    if as_json:
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    else:
+        typer.echo(text)
+
+
+def user_key(namespace: str, user: str) -> UserKey:
+    try:
+        return UserKey(namespace, user)
+    except ValueError as exc:
+        fail(str(exc), code=2)
+
+
+def open_registry(home: Path | None) -> Registry:
+    try:
+        return Registry.from_env(home)
+    except RegistryError as exc:
+        fail(str(exc))
