@@ -1,0 +1,125 @@
+"""The slice of the MLflow model registry the prefix registry uses, behind one interface with two
+backends: the REST API of an `mlflow server` (catalog_rest) and a SQL database in-process
+(catalog_sql). Records are plain data; MLflow entities never leave the backends."""
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from registry.errors import RegistryError
+
+T = TypeVar("T")
+PAGE_MAX_MODELS = 1000  # MLflow's cap on registered models per search page
+
+
+class Missing(RegistryError):
+    """The registered model, version or alias does not exist."""
+
+
+class AlreadyExists(RegistryError):
+    """The registered model to create exists already."""
+
+
+class Transient(RegistryError):
+    """The backend was busy (locked database, version-number race, 5xx): safe to try again."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A model version; `aliases` is filled by single-version reads only (MLflow's search omits it)."""
+
+    name: str
+    version: int
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    created_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, int] = field(default_factory=dict)
+
+    def aliases_of(self, version: int) -> list[str]:
+        return sorted(a for a, v in self.aliases.items() if v == version)
+
+
+class Catalog(ABC):
+    """MLflow registry operations; each call is one request (REST) or one transaction (SQL)."""
+
+    @abstractmethod
+    def create_model(self, name: str, tags: dict[str, str]) -> bool:
+        """Create a registered model; False when it already exists."""
+
+    @abstractmethod
+    def get_model(self, name: str) -> ModelRecord | None: ...
+
+    @abstractmethod
+    def delete_model(self, name: str) -> None:
+        """Hard-delete the model with its versions, tags and aliases; raise Missing if absent."""
+
+    @abstractmethod
+    def search_models(self, name_like: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
+        """One page (ordered by name) of models whose name matches the SQL LIKE pattern."""
+
+    @abstractmethod
+    def set_model_tag(self, name: str, key: str, value: str) -> None: ...
+
+    @abstractmethod
+    def create_version(self, name: str, source: str, tags: dict[str, str]) -> VersionRecord:
+        """A new version numbered max+1; raise Missing if the model does not exist."""
+
+    @abstractmethod
+    def get_version(self, name: str, version: int) -> VersionRecord | None: ...
+
+    @abstractmethod
+    def get_version_by_alias(self, name: str, alias: str) -> VersionRecord | None:
+        """None when the model, the alias or the version it names is missing."""
+
+    @abstractmethod
+    def search_versions(self, filter_string: str, *, order_by: str, max_results: int,
+                        page_token: str | None = None) -> tuple[list[VersionRecord], str | None]: ...
+
+    @abstractmethod
+    def delete_version(self, name: str, version: int) -> None:
+        """Delete a version (MLflow also drops aliases that point to it); raise Missing if absent."""
+
+    @abstractmethod
+    def set_alias(self, name: str, alias: str, version: int) -> None: ...
+
+    @abstractmethod
+    def delete_alias(self, name: str, alias: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+def retrying(call: Callable[[], T], *, attempts: int = 12, base_delay: float = 0.005) -> T:
+    """Run `call`, retrying Transient failures with jittered exponential backoff (≈2.5 s in all)."""
+    for attempt in range(attempts - 1):
+        try:
+            return call()
+        except Transient:
+            time.sleep(random.uniform(0, base_delay * 2 ** min(attempt, 7)))
+    return call()
+
+
+def open_catalog(tracking_uri: str, *, pool_size: int = 32) -> Catalog:
+    """REST for http(s)://, an in-process SQL store for database URIs (sqlite, postgresql, mysql, mssql)."""
+    scheme = tracking_uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        from registry.catalog_rest import RestCatalog
+
+        return RestCatalog(tracking_uri, pool_size=pool_size)
+    if scheme.split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        from registry.catalog_sql import SqlCatalog
+
+        return SqlCatalog(tracking_uri)
+    raise RegistryError(f"unsupported MLflow tracking URI {tracking_uri!r}: use http(s)://… or a database URI")

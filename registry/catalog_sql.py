@@ -1,0 +1,117 @@
+"""Catalog on MLflow's own SQL registry store, in-process (the embedded default is sqlite).
+
+sqlite is switched to WAL (readers never wait for the writer) before MLflow opens it; MLflow sets
+a 20 s busy timeout per session. Version-number races that outlast MLflow's three retries and
+locked-database errors surface as `Transient`.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag, RegisteredModel, RegisteredModelTag
+from mlflow.exceptions import MlflowException
+from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+from registry.catalog import PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord
+from registry.errors import RegistryError
+
+_SQLITE = "sqlite:///"
+
+
+def _enable_wal(db_uri: str) -> None:
+    if not db_uri.startswith(_SQLITE) or db_uri == _SQLITE + ":memory:":
+        return
+    path = Path(db_uri[len(_SQLITE):].split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _version(mv: ModelVersion) -> VersionRecord:
+    return VersionRecord(mv.name, int(mv.version), mv.source or "", dict(mv.tags), tuple(mv.aliases),
+                         int(mv.creation_timestamp or 0))
+
+
+def _model(rm: RegisteredModel) -> ModelRecord:
+    return ModelRecord(rm.name, dict(rm._tags), {a: int(v) for a, v in rm.aliases.items()})
+
+
+def _translate(exc: MlflowException) -> RegistryError:
+    code, message = exc.error_code, exc.message
+    if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in message):
+        return Missing(message)
+    if code == "RESOURCE_ALREADY_EXISTS":
+        return AlreadyExists(message)
+    if code == "TEMPORARILY_UNAVAILABLE" or "Giving up after" in message:
+        return Transient(message)
+    return RegistryError(f"MLflow: {message}")
+
+
+class SqlCatalog(Catalog):
+    def __init__(self, db_uri: str) -> None:
+        _enable_wal(db_uri)
+        self.store = SqlAlchemyStore(db_uri)
+
+    def _do(self, method: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        try:
+            return getattr(self.store, method)(*args, **kwargs)
+        except MlflowException as exc:
+            raise _translate(exc) from exc
+
+    def create_model(self, name: str, tags: dict[str, str]) -> bool:
+        try:
+            self._do("create_registered_model", name, [RegisteredModelTag(k, v) for k, v in tags.items()])
+            return True
+        except AlreadyExists:
+            return False
+
+    def get_model(self, name: str) -> ModelRecord | None:
+        try:
+            return _model(self._do("get_registered_model", name))
+        except Missing:
+            return None
+
+    def delete_model(self, name: str) -> None:
+        self._do("delete_registered_model", name)
+
+    def search_models(self, name_like: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
+        page = self._do("search_registered_models", f"name LIKE '{name_like}'", PAGE_MAX_MODELS,
+                        ["name ASC"], page_token)
+        return [_model(m) for m in page], page.token or None
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self._do("set_registered_model_tag", name, RegisteredModelTag(key, value))
+
+    def create_version(self, name: str, source: str, tags: dict[str, str]) -> VersionRecord:
+        mv = self._do("create_model_version", name, source, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
+        return _version(mv)
+
+    def get_version(self, name: str, version: int) -> VersionRecord | None:
+        try:
+            return _version(self._do("get_model_version", name, str(version)))
+        except Missing:
+            return None
+
+    def get_version_by_alias(self, name: str, alias: str) -> VersionRecord | None:
+        try:
+            return _version(self._do("get_model_version_by_alias", name, alias))
+        except Missing:
+            return None
+
+    def search_versions(self, filter_string: str, *, order_by: str, max_results: int,
+                        page_token: str | None = None) -> tuple[list[VersionRecord], str | None]:
+        page = self._do("search_model_versions", filter_string, max_results, [order_by], page_token)
+        return [_version(v) for v in page], page.token or None
+
+    def delete_version(self, name: str, version: int) -> None:
+        self._do("delete_model_version", name, str(version))
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._do("set_registered_model_alias", name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._do("delete_registered_model_alias", name, alias)
+
+    def close(self) -> None:
+        self.store.engine.dispose()

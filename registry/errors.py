@@ -1,0 +1,18 @@
+"""Errors the registry raises; all derive from RegistryError (InvalidUserKey is also a ValueError)."""
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every registry error."""
+
+
+class NotFound(RegistryError):
+    """Unknown user, alias or version; the message names the user and the namespace."""
+
+
+class IntegrityError(RegistryError):
+    """Bytes or metadata do not match what the registry recorded for that user: nothing is returned."""
+
+
+class InvalidUserKey(RegistryError, ValueError):
+    """A namespace or user id that cannot be stored safely; the message names the problem."""

@@ -1,0 +1,185 @@
+"""fsck (consistency of MLflow records and stored artifacts) and gc (version retention).
+
+Run `fsck(repair=True)` while no publish is in flight: an artifact written by a publish that has
+not yet created its version looks like an orphan.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from registry import refs
+from registry.catalog import Missing, VersionRecord, retrying
+from registry.errors import IntegrityError
+from registry.header import read_header
+from registry.keys import UserKey, unescape
+from registry.refs import VersionRef
+
+if TYPE_CHECKING:
+    from registry.registry import Registry
+
+_OBJECT_KEY = re.compile(r"(?P<ns>[^/]+)/(?P<shard>[0-9a-f]{2})/(?P<user>[^/]+)/(?P<sha>[0-9a-f]{64})\.safetensors")
+
+
+@dataclass
+class Fault:
+    """One inconsistency. Kinds: orphan_artifact, missing_artifact, hash_mismatch,
+    foreign_location, unreadable_version, duplicate_version, dangling_alias, stray_object."""
+
+    kind: str
+    location: str
+    detail: str
+    namespace: str | None = None
+    user_id: str | None = None
+    version: int | None = None
+    repaired: bool = False
+
+
+@dataclass
+class FsckReport:
+    users: int = 0
+    versions: int = 0
+    objects: int = 0
+    repair: bool = False
+    faults: list[Fault] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return all(f.repaired for f in self.faults)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "clean": self.clean}
+
+
+def _object_owner(object_key: str) -> tuple[UserKey, str] | None:
+    """(user, sha256) of a key in the registry's layout, or None for anything else."""
+    m = _OBJECT_KEY.fullmatch(object_key)
+    if not m:
+        return None
+    try:
+        key = UserKey(m["ns"], unescape(m["user"]))
+    except ValueError:
+        return None
+    return (key, m["sha"]) if key.object_key(m["sha"]) == object_key else None
+
+
+def _version_fault(reg: Registry, key: UserKey, rec: VersionRecord, sizes: dict[str, int]) -> tuple[str, str] | None:
+    """(kind, detail) when the version cannot be fetched as recorded."""
+    try:
+        ref = VersionRef.from_record(key, rec)
+    except IntegrityError as exc:
+        return "unreadable_version", str(exc)
+    object_key = key.object_key(ref.sha256)
+    if ref.uri != reg.store.uri_for(object_key):
+        return "foreign_location", f"source {ref.uri} is not the user's key {object_key}"
+    if object_key not in sizes:
+        return "missing_artifact", f"{object_key} does not exist"
+    data = reg.store.get(object_key) or b""
+    if len(data) != ref.size_bytes or hashlib.sha256(data).hexdigest() != ref.sha256:
+        return "hash_mismatch", f"{object_key} does not hash to the recorded sha256"
+    try:
+        read_header(data).check_binding(key)
+    except IntegrityError as exc:
+        return "hash_mismatch", str(exc)
+    return None
+
+
+def _delete_version(reg: Registry, name: str, version: int) -> None:
+    try:
+        retrying(lambda: reg.catalog.delete_version(name, version))
+    except Missing:
+        pass
+
+
+def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
+    """Artifacts without versions, versions without (or with wrong) artifacts, duplicate versions
+    of one training result, aliases to missing versions. With `repair`: orphans and duplicates are
+    deleted, broken versions are deleted with their bad objects, dangling aliases are removed."""
+    report = FsckReport(repair=repair)
+    sizes = dict(reg.store.list())
+    report.objects = len(sizes)
+    referenced: set[str] = set()
+    for key, model in reg.models():
+        name = key.model_name(reg.prefix)
+        report.users += 1
+        records = list(reg.versions(name))
+        report.versions += len(records)
+        live = {r.version for r in records}
+        seen: dict[str, int] = {}
+        for rec in reversed(records):  # oldest first
+            where = dict(namespace=key.namespace, user_id=key.user_id, version=rec.version)
+            sha = rec.tags.get(refs.SHA256, "")
+            problem = _version_fault(reg, key, rec, sizes)
+            if problem:
+                kind, detail = problem
+                if repair:
+                    _delete_version(reg, name, rec.version)
+                    if kind == "hash_mismatch":
+                        reg.store.delete(key.object_key(sha))
+                    live.discard(rec.version)
+                report.faults.append(Fault(kind, name, detail, **where, repaired=repair))
+                continue
+            referenced.add(key.object_key(sha))
+            ident = rec.tags.get(refs.IDENTITY, "")
+            if ident in seen and rec.version not in model.aliases.values():
+                if repair:
+                    _delete_version(reg, name, rec.version)
+                report.faults.append(Fault("duplicate_version", name, f"same training result as version {seen[ident]}",
+                                           **where, repaired=repair))
+            seen.setdefault(ident, rec.version)
+        for alias, version in model.aliases.items():
+            if version not in live:
+                if repair:
+                    try:
+                        retrying(lambda: reg.catalog.delete_alias(name, alias))
+                    except Missing:
+                        pass
+                report.faults.append(Fault("dangling_alias", name, f"alias {alias!r} names missing version {version}",
+                                           key.namespace, key.user_id, version, repaired=repair))
+        reg.invalidate(key)
+    for object_key in sorted(set(sizes) - referenced):
+        owner = _object_owner(object_key)
+        if owner is None:
+            report.faults.append(Fault("stray_object", reg.store.uri_for(object_key), "not in the registry's key layout"))
+            continue
+        key, _ = owner
+        if repair:
+            reg.store.delete(object_key)
+        report.faults.append(Fault("orphan_artifact", reg.store.uri_for(object_key), "no version refers to it",
+                                   key.namespace, key.user_id, repaired=repair))
+    return report
+
+
+def gc(reg: Registry, key: UserKey | None, *, keep_last: int) -> list[VersionRef]:
+    """Delete all but the newest `keep_last` versions (aliased versions always stay) and the
+    artifacts no remaining version of that user uses."""
+    if keep_last < 0:
+        raise ValueError("keep_last must be >= 0")
+    if key is not None:
+        model = reg.catalog.get_model(key.model_name(reg.prefix))
+        targets = [(key, model)] if model else []
+    else:
+        targets = list(reg.models())
+    removed: list[VersionRef] = []
+    for user, model in targets:
+        name = user.model_name(reg.prefix)
+        records = list(reg.versions(name))
+        aliased = set(model.aliases.values())
+        doomed = {r.version for r in records[keep_last:] if r.version not in aliased}
+        kept_shas = {r.tags.get(refs.SHA256) for r in records if r.version not in doomed}
+        try:
+            for rec in records:
+                if rec.version not in doomed:
+                    continue
+                try:
+                    removed.append(VersionRef.from_record(user, rec))
+                except IntegrityError:
+                    continue  # unreadable metadata: left for fsck to report
+                _delete_version(reg, name, rec.version)
+                if rec.tags[refs.SHA256] not in kept_shas:
+                    reg.store.delete(user.object_key(rec.tags[refs.SHA256]))
+        finally:
+            reg.invalidate(user)
+    return removed

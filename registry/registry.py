@@ -1,0 +1,385 @@
+"""The per-user prefix registry: MLflow holds one registered model per (namespace, user) whose
+versions carry the artifact's sha256, size, fingerprints, spec, run id and metrics as tags; the
+object store holds the bytes, content-addressed under the user's own key prefix."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Hashable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from registry import maintenance, refs
+from registry.cache import ContentCache, ResolutionCache
+from registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog, retrying
+from registry.catalog_rest import RestCatalog
+from registry.errors import IntegrityError, NotFound, RegistryError
+from registry.header import identity, read_header
+from registry.keys import UserKey, check_namespace, check_prefix
+from registry.maintenance import FsckReport
+from registry.refs import ForgetReceipt, PublishRequest, VersionRef
+from registry.store import FileStore, open_store
+
+RECENT = 20  # versions read back after a publish to settle twins and the alias
+_SETTLE_ROUNDS = 20
+
+
+class Registry:
+    """Publish, resolve and fetch per-user prefixes. Thread-safe; share one per process.
+
+    `resolve_ttl` bounds how stale a cached resolution may be (see registry.cache);
+    `cache_bytes` bounds the verified-content cache; `model_prefix` starts every registered-model
+    name, so several registries (or test runs) can share one MLflow server without meeting.
+    """
+
+    def __init__(self, tracking_uri: str, store_uri: str, *, s3_endpoint_url: str | None = None,
+                 model_prefix: str = "pf", resolve_ttl: float = 1.0, cache_bytes: int = 256 << 20,
+                 max_workers: int = 16) -> None:
+        self.tracking_uri, self.store_uri = tracking_uri, store_uri
+        self.prefix = check_prefix(model_prefix)
+        self.max_workers = max_workers
+        self.catalog = open_catalog(tracking_uri, pool_size=2 * max_workers)
+        self.store = open_store(store_uri, endpoint_url=s3_endpoint_url, max_pool_connections=2 * max_workers)
+        self._resolutions: ResolutionCache[VersionRef] = ResolutionCache(ttl=resolve_ttl)
+        self._contents = ContentCache(max_bytes=cache_bytes)
+        self._refreshing: set[tuple[str, Hashable]] = set()
+        self._refresh_lock = threading.Lock()
+        self._refresher = ThreadPoolExecutor(2, thread_name_prefix="registry-refresh")
+
+    @classmethod
+    def from_env(cls, home: Path | None = None) -> Registry:
+        """MLFLOW_TRACKING_URI, PREFIXFLEET_STORE and AWS_ENDPOINT_URL select real servers; otherwise
+        sqlite and a file store under `home` (else $PREFIXFLEET_HOME, else ~/.prefixfleet).
+        PREFIXFLEET_MODEL_PREFIX (default "pf") starts every registered-model name."""
+        home = Path(home or os.environ.get("PREFIXFLEET_HOME") or "~/.prefixfleet").expanduser().resolve()
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
+        store = os.environ.get("PREFIXFLEET_STORE") or (home / "store").as_uri()
+        return cls(tracking, store, s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+                   model_prefix=os.environ.get("PREFIXFLEET_MODEL_PREFIX") or "pf")
+
+    def close(self) -> None:
+        self._refresher.shutdown(wait=True)
+        self.catalog.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- publishing -------------------------------------------------------------------------
+
+    def publish(self, key: UserKey, artifact: bytes, *, metrics: dict[str, float] | None = None,
+                run_id: str | None = None, alias: str | None = "candidate",
+                tags: dict[str, str] | None = None) -> VersionRef:
+        """Store `artifact` as a new version of `key` and point `alias` at it.
+
+        Exactly once: when a version of this user already has the artifact's (data fingerprint,
+        spec, backbone fingerprint), that version is returned and nothing is created; concurrent
+        retries that race past the check keep the oldest version and delete their own.
+        Concurrent publishes leave `alias` on the newest version that asked for it.
+        """
+        header = read_header(artifact)
+        header.check_binding(key)
+        if alias is not None:
+            refs.check_alias(alias)
+        if isinstance(self.catalog, RestCatalog) and isinstance(self.store, FileStore):
+            raise RegistryError("an MLflow server does not register file:// artifacts; "
+                                "set PREFIXFLEET_STORE to s3://bucket/prefix")
+        sha256 = hashlib.sha256(artifact).hexdigest()
+        tags_ = refs.version_tags(header, sha256, len(artifact), metrics=metrics, run_id=run_id,
+                                  alias=alias, tags=tags)
+        name = key.model_name(self.prefix)
+        created = retrying(lambda: self.catalog.create_model(name, refs.model_tags(key)))
+        if not created and (twin := self._oldest_twin(name, header.identity)):
+            return self._exact_ref(key, name, twin.version)
+        object_key = key.object_key(sha256)
+        self.store.put(object_key, artifact)
+        mine = self._create_version(key, name, self.store.uri_for(object_key), tags_)
+        try:
+            kept, aliased = self._settle(name, mine, alias)
+        finally:
+            self._resolutions.invalidate(name)
+        if kept.version != mine.version:
+            if kept.tags[refs.SHA256] != sha256:
+                self.store.delete(object_key)
+            return self._exact_ref(key, name, kept.version)
+        if aliased and alias == refs.PRODUCTION:
+            self._record_production(name, kept.version)
+        return VersionRef.from_record(key, kept, aliases=[alias] if aliased and alias else [])
+
+    def publish_many(self, requests: Iterable[PublishRequest], max_workers: int = 16) -> list[VersionRef | Exception]:
+        """Publish concurrently (at most `max_workers` in flight); results in request order,
+        an exception in place of each failed publish."""
+        def one(r: PublishRequest) -> VersionRef | Exception:
+            try:
+                return self.publish(r.key, r.artifact, metrics=r.metrics, run_id=r.run_id, alias=r.alias, tags=r.tags)
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                return exc
+
+        window = threading.BoundedSemaphore(2 * max_workers)
+        futures: list[Future[VersionRef | Exception]] = []
+        with ThreadPoolExecutor(max_workers, thread_name_prefix="registry-publish") as pool:
+            for request in requests:
+                window.acquire()
+                future = pool.submit(one, request)
+                future.add_done_callback(lambda _: window.release())
+                futures.append(future)
+        return [f.result() for f in futures]
+
+    def find(self, key: UserKey, *, data_fingerprint: str, spec: str, backbone_fingerprint: str) -> VersionRef | None:
+        """The version already published from this data, spec and backbone, if any."""
+        name = key.model_name(self.prefix)
+        twin = self._oldest_twin(name, identity(data_fingerprint, spec, backbone_fingerprint))
+        return self._exact_ref(key, name, twin.version) if twin else None
+
+    def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:
+        """A fresh read of one version, aliases included (searches do not report aliases)."""
+        rec = retrying(lambda: self.catalog.get_version(name, version))
+        if rec is None:
+            raise self._not_found(key, name, version)
+        return VersionRef.from_record(key, rec)
+
+    def _create_version(self, key: UserKey, name: str, uri: str, tags: dict[str, str]) -> VersionRecord:
+        try:
+            return retrying(lambda: self.catalog.create_version(name, uri, tags))
+        except Missing:  # the model was forgotten between our create and this call
+            retrying(lambda: self.catalog.create_model(name, refs.model_tags(key)))
+            return retrying(lambda: self.catalog.create_version(name, uri, tags))
+
+    def _oldest_twin(self, name: str, ident: str) -> VersionRecord | None:
+        found, _ = retrying(lambda: self.catalog.search_versions(
+            f"name = '{name}' AND tags.`{refs.IDENTITY}` = '{ident}'", order_by="version_number ASC", max_results=1))
+        return found[0] if found else None
+
+    def _settle(self, name: str, mine: VersionRecord, alias: str | None) -> tuple[VersionRecord, bool]:
+        """After creating `mine`: find its oldest twin (same identity) and leave `alias` on the
+        newest surviving version that asked for it. Whoever writes the alias reads the versions
+        again and corrects the alias until the read agrees with its last write, so the last
+        writer always leaves the newest requester and no concurrent update is lost. Deletes
+        `mine` if it is a younger twin. Returns (kept version, whether the alias is on it)."""
+        ident = mine.tags[refs.IDENTITY]
+        written: int | None = None
+        if alias:
+            retrying(lambda: self.catalog.set_alias(name, alias, mine.version))
+            written = mine.version
+        kept: VersionRecord | None = None
+        for _ in range(_SETTLE_ROUNDS):
+            recent, more = retrying(lambda: self.catalog.search_versions(
+                f"name = '{name}'", order_by="version_number DESC", max_results=RECENT))
+            oldest: dict[str, int] = {}
+            for v in reversed(recent):
+                oldest.setdefault(v.tags.get(refs.IDENTITY, ""), v.version)
+            if kept is None:
+                kept = next((v for v in recent if v.version == oldest.get(ident)), mine)
+                if more and (older := self._oldest_twin(name, ident)) and older.version < kept.version:
+                    kept = older  # the page was full: a twin may lie beyond it
+            if not alias:
+                break
+            lost = kept.version != mine.version
+            wanted = max((v.version for v in recent if v.tags.get(refs.ALIAS_REQUEST) == alias
+                          and oldest[v.tags.get(refs.IDENTITY, "")] == v.version
+                          and not (lost and v.version == mine.version)), default=None)
+            if wanted is None or wanted == written:
+                break
+            retrying(lambda: self.catalog.set_alias(name, alias, wanted))
+            written = wanted
+        kept = kept or mine
+        if kept.version != mine.version:
+            try:
+                retrying(lambda: self.catalog.delete_version(name, mine.version))
+            except Missing:
+                pass
+        return kept, written == kept.version
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def resolve(self, key: UserKey, alias: str = refs.PRODUCTION, *, version: int | None = None) -> VersionRef:
+        """The version `alias` points to (or version `version`), served from a short-lived cache."""
+        name = key.model_name(self.prefix)
+        selector: Hashable = version if version is not None else alias
+        ref, needs_refresh = self._resolutions.get(name, selector)
+        if ref is None:
+            return self._resolve_now(key, name, selector)
+        if needs_refresh:
+            self._refresh_later(key, name, selector)
+        return ref
+
+    def fetch(self, key: UserKey, alias: str = refs.PRODUCTION, *, version: int | None = None) -> bytes:
+        """The verified artifact bytes of `resolve(key, alias / version)`."""
+        return self.fetch_ref(self.resolve(key, alias, version=version))
+
+    def fetch_ref(self, ref: VersionRef) -> bytes:
+        """The bytes of `ref`, only if their sha256, size, namespace, user and fingerprints all match
+        the record; otherwise IntegrityError. Reads only the user's own content-addressed key."""
+        cached = self._contents.get(ref.namespace, ref.user_id, ref.sha256)
+        if cached is not None:
+            return cached
+        key = ref.key
+        object_key = key.object_key(ref.sha256)
+        if ref.uri != self.store.uri_for(object_key):
+            raise IntegrityError(f"version {ref.version} of {key} points outside the user's storage: {ref.uri}")
+        data = self.store.get(object_key)
+        if data is None:
+            raise IntegrityError(f"artifact of version {ref.version} of {key} is missing from {ref.uri}")
+        if len(data) != ref.size_bytes or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise IntegrityError(f"artifact of version {ref.version} of {key} does not match its sha256")
+        header = read_header(data)
+        header.check_binding(key)
+        if (header.backbone_fingerprint, header.data_fingerprint) != (ref.backbone_fingerprint, ref.data_fingerprint):
+            raise IntegrityError(f"artifact of version {ref.version} of {key} has other fingerprints than recorded")
+        self._contents.put(ref.namespace, ref.user_id, ref.sha256, data)
+        return data
+
+    def history(self, key: UserKey) -> list[VersionRef]:
+        """Every version of the user, newest first; NotFound for an unknown user."""
+        name = key.model_name(self.prefix)
+        model = self.catalog.get_model(name)
+        if model is None:
+            raise self._unknown_user(key)
+        return [VersionRef.from_record(key, r, aliases=model.aliases_of(r.version)) for r in self.versions(name)]
+
+    def list_users(self, namespace: str) -> Iterator[UserKey]:
+        """Users of one namespace in name order, streamed page by page."""
+        for key, _ in self.models(check_namespace(namespace)):
+            yield key
+
+    def models(self, namespace: str | None = None) -> Iterator[tuple[UserKey, ModelRecord]]:
+        """(key, MLflow record) of every user of this registry, or of one namespace, streamed."""
+        pattern = f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
+        token: str | None = None
+        while True:
+            page, token = retrying(lambda: self.catalog.search_models(pattern, token))
+            for m in page:
+                key = UserKey.from_model_name(m.name, self.prefix)
+                if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
+                    yield key, m
+            if not token:
+                return
+
+    def versions(self, name: str) -> Iterator[VersionRecord]:
+        """Every live version record of a registered model, newest first."""
+        token: str | None = None
+        while True:
+            page, token = retrying(lambda: self.catalog.search_versions(
+                f"name = '{name}'", order_by="version_number DESC", max_results=1000, page_token=token))
+            yield from page
+            if not token:
+                return
+
+    def _resolve_now(self, key: UserKey, name: str, selector: Hashable) -> VersionRef:
+        generation = self._resolutions.generation(name)
+        if isinstance(selector, int):
+            rec = retrying(lambda: self.catalog.get_version(name, selector))
+        else:
+            rec = retrying(lambda: self.catalog.get_version_by_alias(name, str(selector)))
+        if rec is None:
+            raise self._not_found(key, name, selector)
+        ref = VersionRef.from_record(key, rec, alias=None if isinstance(selector, int) else str(selector))
+        self._resolutions.put(name, selector, ref, generation)
+        return ref
+
+    def _refresh_later(self, key: UserKey, name: str, selector: Hashable) -> None:
+        with self._refresh_lock:
+            if (name, selector) in self._refreshing:
+                return
+            self._refreshing.add((name, selector))
+
+        def refresh() -> None:
+            try:
+                self._resolve_now(key, name, selector)
+            except RegistryError:
+                self._resolutions.invalidate(name)
+            finally:
+                with self._refresh_lock:
+                    self._refreshing.discard((name, selector))
+
+        self._refresher.submit(refresh)
+
+    def _unknown_user(self, key: UserKey) -> NotFound:
+        return NotFound(f"no prefix for user {key.user_id!r} in namespace {key.namespace!r}")
+
+    def _not_found(self, key: UserKey, name: str, selector: Hashable) -> NotFound:
+        if self.catalog.get_model(name) is None:
+            return self._unknown_user(key)
+        what = f"version {selector}" if isinstance(selector, int) else f"alias {selector!r}"
+        return NotFound(f"no {what} for user {key.user_id!r} in namespace {key.namespace!r}")
+
+    # ---- managing ---------------------------------------------------------------------------
+
+    def invalidate(self, key: UserKey) -> None:
+        """Drop this process's cached resolutions and bytes of one user."""
+        self._resolutions.invalidate(key.model_name(self.prefix))
+        self._contents.drop_user(key.namespace, key.user_id)
+
+    def promote(self, key: UserKey, version: int, alias: str = refs.PRODUCTION) -> VersionRef:
+        """Point `alias` at `version`; production moves are recorded for rollback."""
+        name = key.model_name(self.prefix)
+        refs.check_alias(alias)
+        rec = self.catalog.get_version(name, version)
+        if rec is None:
+            raise self._not_found(key, name, version)
+        try:
+            retrying(lambda: self.catalog.set_alias(name, alias, version))
+            if alias == refs.PRODUCTION:
+                self._record_production(name, version)
+        finally:
+            self._resolutions.invalidate(name)
+        return self.resolve(key, alias)
+
+    def rollback(self, key: UserKey) -> VersionRef:
+        """Move production back to the production version before the current one."""
+        name = key.model_name(self.prefix)
+        model = self.catalog.get_model(name)
+        if model is None:
+            raise self._unknown_user(key)
+        current = model.aliases.get(refs.PRODUCTION)
+        if current is None:
+            raise self._not_found(key, name, refs.PRODUCTION)
+        history = refs.production_history(model.tags)
+        while history and history[-1] == current:
+            history.pop()
+        while history and self.catalog.get_version(name, history[-1]) is None:
+            history.pop()
+        if not history:
+            raise NotFound(f"no earlier production version for user {key.user_id!r} in namespace {key.namespace!r}")
+        try:
+            retrying(lambda: self.catalog.set_alias(name, refs.PRODUCTION, history[-1]))
+            retrying(lambda: self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history)))
+        finally:
+            self._resolutions.invalidate(name)
+        return self.resolve(key, refs.PRODUCTION)
+
+    def _record_production(self, name: str, version: int) -> None:
+        model = self.catalog.get_model(name)
+        history = refs.production_history(model.tags if model else {})
+        if not history or history[-1] != version:
+            history = (history + [version])[-100:]
+            retrying(lambda: self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history)))
+
+    def forget(self, key: UserKey) -> ForgetReceipt:
+        """Erase every version, alias, tag and artifact of the user (idempotent)."""
+        name = key.model_name(self.prefix)
+        model = self.catalog.get_model(name)
+        versions = [r.version for r in self.versions(name)] if model else []
+        try:
+            if model:
+                try:
+                    retrying(lambda: self.catalog.delete_model(name))
+                except Missing:
+                    pass
+            objects = self.store.delete_prefix(key.object_dir)
+        finally:
+            self.invalidate(key)
+        return ForgetReceipt(key.namespace, key.user_id, name if model else None, versions,
+                             dict(model.aliases) if model else {}, objects)
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Check every user of this registry against the object store (see registry.maintenance)."""
+        return maintenance.fsck(self, repair=repair)
+
+    def gc(self, key: UserKey | None = None, keep_last: int = 5) -> list[VersionRef]:
+        """Delete all but the newest `keep_last` versions of one user (or of every user); versions
+        an alias points to are always kept. Returns the versions deleted."""
+        return maintenance.gc(self, key, keep_last=keep_last)

@@ -1,0 +1,151 @@
+"""Session-wide fixtures: real servers on loopback and isolated registries on them or on local files.
+
+- `mlflow_server` / `mlflow_server_uri`: a real `mlflow server` (sqlite, one worker);
+  `mlflow_server.workdir / "mlflow.db"` is its database, for tests that inspect every row.
+- `s3_endpoint`, `s3_bucket`: a real S3-compatible server (moto, a subprocess) and a bucket;
+  dummy AWS credentials are in the environment while they run.
+- `local_registry`: sqlite in-process + file:// store in a temp home (`local_registry_home`).
+- `server_registry`: the real servers, with its own model-name prefix and bucket folder.
+- `registry`: parametrized over both; the registry contract suite runs on each.
+- `make_server_registry()`: a factory for more isolated server registries.
+- `local_env` / `server_env`: set PREFIXFLEET_HOME / MLFLOW_TRACKING_URI, PREFIXFLEET_STORE,
+  AWS_ENDPOINT_URL and PREFIXFLEET_MODEL_PREFIX so that `Registry.from_env()` (and the CLI)
+  land on an isolated registry; they return the variables set.
+
+Servers start in the background as soon as collection shows a test that needs them.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from registry import Registry
+from tests.fixtures import servers
+
+_SERVER_FIXTURES = {"mlflow_server", "mlflow_server_uri", "s3_endpoint", "s3_bucket", "server_registry",
+                    "make_server_registry", "server_env"}
+_LAUNCHED = pytest.StashKey[dict[str, servers.ServerProcess]]()
+
+
+def _needs_servers(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    return bool(names & _SERVER_FIXTURES) or (
+        "registry" in names and callspec is not None and callspec.params.get("registry") == "servers")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Launch the servers now, without waiting, so they boot while the first tests run."""
+    launched: dict[str, servers.ServerProcess] = {}
+    session.config.stash[_LAUNCHED] = launched
+    if any(_needs_servers(item) for item in session.items):
+        root = Path(tempfile.mkdtemp(prefix="prefixfleet-servers-"))
+        launched["mlflow"] = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True)
+        launched["s3"] = servers.launch_s3_server(root / "s3", owns_workdir=True)
+        for server in launched.values():
+            session.config.add_cleanup(server.stop)
+
+
+def _server(config: pytest.Config, kind: str, tmp_path_factory: pytest.TempPathFactory) -> servers.ServerProcess:
+    launched = config.stash.setdefault(_LAUNCHED, {})
+    if kind not in launched:
+        launch = servers.launch_mlflow_server if kind == "mlflow" else servers.launch_s3_server
+        launched[kind] = launch(tmp_path_factory.mktemp(kind))
+        config.add_cleanup(launched[kind].stop)
+    return launched[kind].wait()
+
+
+@pytest.fixture(scope="session")
+def aws_test_env() -> Iterator[dict[str, str]]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in servers.AWS_TEST_ENV.items():
+            mp.setenv(name, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        yield servers.AWS_TEST_ENV
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> servers.ServerProcess:
+    return _server(request.config, "mlflow", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_uri(mlflow_server: servers.ServerProcess) -> str:
+    return mlflow_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                aws_test_env: dict[str, str]) -> str:
+    return _server(request.config, "s3", tmp_path_factory).url
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint: str) -> str:
+    return servers.create_bucket(s3_endpoint, "prefixfleet-test")
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(request: pytest.FixtureRequest) -> Path:
+    """A migrated MLflow sqlite database, cached across runs per MLflow version."""
+    folder = request.config.cache.mkdir("prefixfleet-mlflow-db")
+    return servers.make_template_db(folder / f"mlflow-{version('mlflow')}.db")
+
+
+@pytest.fixture
+def local_registry_home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def local_registry(local_registry_home: Path, mlflow_db_template: Path) -> Iterator[Registry]:
+    with servers.make_local_registry(local_registry_home, mlflow_db_template) as reg:
+        yield reg
+
+
+@pytest.fixture
+def make_server_registry(mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str) -> Iterator[Callable[..., Registry]]:
+    made: list[Registry] = []
+
+    def make(**kwargs: object) -> Registry:
+        made.append(servers.make_server_registry(mlflow_server_uri, s3_endpoint, s3_bucket, **kwargs))
+        return made[-1]
+
+    yield make
+    for reg in made:
+        reg.close()
+
+
+@pytest.fixture
+def server_registry(make_server_registry: Callable[..., Registry]) -> Registry:
+    return make_server_registry()
+
+
+@pytest.fixture(params=["local", pytest.param("servers", marks=pytest.mark.servers)])
+def registry(request: pytest.FixtureRequest) -> Registry:
+    return request.getfixturevalue("local_registry" if request.param == "local" else "server_registry")
+
+
+@pytest.fixture
+def local_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mlflow_db_template: Path) -> dict[str, str]:
+    home = tmp_path / "prefixfleet-home"
+    home.mkdir()
+    (home / "mlflow.db").write_bytes(mlflow_db_template.read_bytes())
+    for name in ("MLFLOW_TRACKING_URI", "PREFIXFLEET_STORE", "AWS_ENDPOINT_URL", "PREFIXFLEET_MODEL_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFIXFLEET_HOME", str(home))
+    return {"PREFIXFLEET_HOME": str(home)}
+
+
+@pytest.fixture
+def server_env(monkeypatch: pytest.MonkeyPatch, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str) -> dict[str, str]:
+    prefix = servers.unique_prefix()
+    env = {"MLFLOW_TRACKING_URI": mlflow_server_uri, "PREFIXFLEET_STORE": f"s3://{s3_bucket}/{prefix}",
+           "AWS_ENDPOINT_URL": s3_endpoint, "PREFIXFLEET_MODEL_PREFIX": prefix}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
