@@ -1,0 +1,94 @@
+"""The HTTP front: one FastAPI app (served by uvicorn in-process, or by Ray Serve's proxy) and a
+uvicorn runner that works in the foreground (`prefixfleet serve`) or on a background thread."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
+from pipelines.serving.service import BadRequest, PrefixService
+from registry import IntegrityError, InvalidUserKey, NotFound, RegistryError
+from workers.errors import BackboneMismatch, WorkerError
+
+# Most specific first: the first matching class decides the status.
+_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (NotFound, 404), (InvalidUserKey, 422), (BadRequest, 422), (BackboneMismatch, 409),
+    (IntegrityError, 500), (RegistryError, 503), (WorkerError, 500),
+)
+
+
+def _error_response(_: Request, exc: Exception) -> JSONResponse:
+    status = next(code for kind, code in _STATUS if isinstance(exc, kind))
+    return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=status)
+
+
+def create_app(service: PrefixService) -> FastAPI:
+    app = FastAPI(
+        title="prefixfleet", version="1",
+        description="Generation with per-user prefixes on one shared backbone; requests of different "
+                    "users are batched into one forward pass.",
+    )
+    for kind, _ in _STATUS:
+        app.add_exception_handler(kind, _error_response)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={
+        404: {"model": ErrorBody, "description": "No production prefix for this user."},
+        409: {"model": ErrorBody, "description": "The user's prefix was trained on another backbone."},
+        422: {"description": "The request is malformed or cannot fit the backbone."},
+    })
+    async def generate(request: GenerateRequest) -> GenerateResponse:
+        """Continue the prompt with the user's production prefix."""
+        return await service.generate(request)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """The served backbone, batch count and cache usage."""
+        return service.health()
+
+    return app
+
+
+class InProcessServer:
+    """uvicorn serving `app`; port 0 picks a free port (read it from `url` once started)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def run(self) -> None:
+        """Serve in the foreground until interrupted."""
+        self.server.run()
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Serve on a background thread; returns the base URL once it accepts connections."""
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the HTTP server stopped while starting (is the port in use?)")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,33 @@
+"""The HTTP contract of `POST /v1/generate` (and the errors it answers with)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateRequest(BaseModel):
+    """Continue `prompt` with the user's production prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, description="The user (or task) whose prefix to use.")
+    namespace: str = Field("default", min_length=1, description="Tenant namespace.")
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    user_id: str
+    namespace: str
+    version: int = Field(description="The prefix version that served the request.")
+    sha256: str = Field(description="sha256 of that version's artifact.")
+    tokens: int = Field(description="New tokens generated, end-of-sequence included.")
+    batch_size: int = Field(description="Rows in the forward pass that served the request.")
+    users_in_batch: int = Field(description="Distinct users among those rows.")
+
+
+class ErrorBody(BaseModel):
+    detail: str

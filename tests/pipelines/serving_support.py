@@ -1,0 +1,52 @@
+"""Helpers for the serving tests: a tiny backbone, users with published prefixes, and what
+generating for one user alone gives."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry import Registry, UserKey, VersionRef
+from workers.artifact import ArtifactMeta, serialize
+from workers.backbone import Backbone, load_backbone
+from workers.generate import generate
+from workers.prefix import PrefixTensors, expected_shapes
+from workers.spec import PrefixSpec
+from workers.tiny import build_backbone
+
+SPEC = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5)
+PROMPTS = ("order 3 kite for Bo\n", "hi there", "order 9 lamp for Kim, and a longer note\n", "Dear Ana")
+NEW_TOKENS = 8
+
+
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, family: str = "gpt2", seed: int = 1) -> Backbone:
+    return load_backbone(str(build_backbone(tmp_path_factory.mktemp(f"{family}-{seed}") / family, family, seed=seed)))
+
+
+def random_prefix(backbone: Backbone, seed: int, spec: PrefixSpec = SPEC) -> PrefixTensors:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) for name, shape in expected_shapes(backbone, spec).items()}
+
+
+def artifact(backbone: Backbone, key: UserKey, tensors: PrefixTensors, *, spec: PrefixSpec = SPEC,
+             fingerprint: str | None = None, data: str = "data") -> bytes:
+    meta = ArtifactMeta(key.namespace, key.user_id, spec, fingerprint or backbone.fingerprint,
+                        f"{data}:{key.user_id}", backbone=backbone.name_or_path)
+    return serialize(tensors, meta)
+
+
+def publish_user(registry: Registry, backbone: Backbone, user: str, *, seed: int, namespace: str = "default",
+                 spec: PrefixSpec = SPEC, fingerprint: str | None = None) -> tuple[VersionRef, PrefixTensors]:
+    """Publish a random prefix for `user` and make it production."""
+    key, tensors = UserKey(namespace, user), random_prefix(backbone, seed, spec)
+    ref = registry.publish(key, artifact(backbone, key, tensors, spec=spec, fingerprint=fingerprint, data=f"seed{seed}"))
+    return registry.promote(key, ref.version), tensors
+
+
+def alone(backbone: Backbone, tensors: PrefixTensors, prompt: str, max_new_tokens: int = NEW_TOKENS) -> str:
+    return generate(backbone, [tensors], [prompt], max_new_tokens=max_new_tokens)[0]
+
+
+def model_dir(backbone: Backbone) -> Path:
+    return Path(backbone.name_or_path)

@@ -1,0 +1,103 @@
+"""The batcher puts requests of different users into one forward pass, splits only what cannot
+share one (prefix layout, generation parameters), and keeps a bad row from failing its neighbours."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.serving import batcher as batcher_module
+from pipelines.serving.batcher import Batcher, GenerationParams
+from pipelines.serving.cache import ServedPrefix
+from registry import VersionRef
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, SPEC, random_prefix, tiny_backbone
+from workers.errors import WorkerError
+from workers.generate import generate_ids
+from workers.prefix import PrefixTensors
+
+GREEDY = GenerationParams(max_new_tokens=NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory)
+
+
+@pytest.fixture
+def forward_passes(monkeypatch) -> list[int]:
+    """Rows of every generate_ids call the batcher makes."""
+    calls: list[int] = []
+
+    def counted(backbone, prefixes, prompts, **kwargs):
+        calls.append(len(prompts))
+        return generate_ids(backbone, prefixes, prompts, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "generate_ids", counted)
+    return calls
+
+
+def served(user: str, tensors: PrefixTensors, tokens: int = SPEC.num_virtual_tokens) -> ServedPrefix:
+    ref = VersionRef("default", user, 1, ["production"], "0" * 64, 0, "file:///x", "fp", "data",
+                     {"method": SPEC.method, "num_virtual_tokens": tokens}, {}, None, "")
+    return ServedPrefix(ref, tensors)
+
+
+def test_different_users_share_one_forward_pass(backbone, forward_passes):
+    prefixes = [served(f"u{i}", random_prefix(backbone, i)) for i in range(len(PROMPTS))]
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500)
+    try:
+        futures = [batcher.submit(p, q, GREEDY) for p, q in zip(prefixes, PROMPTS)]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert forward_passes == [len(PROMPTS)]
+    assert {(r.batch_size, r.users_in_batch) for r in results} == {(len(PROMPTS), len(PROMPTS))}
+    for p, q, r in zip(prefixes, PROMPTS, results):
+        assert r.token_ids == generate_ids(backbone, [p.tensors], [q], max_new_tokens=NEW_TOKENS)[0]
+
+
+def test_layouts_and_parameters_that_differ_run_apart(backbone, forward_passes):
+    short = SPEC.with_(num_virtual_tokens=3)
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500)
+    try:
+        futures = [
+            batcher.submit(served("a", random_prefix(backbone, 1)), PROMPTS[0], GREEDY),
+            batcher.submit(served("b", random_prefix(backbone, 2)), PROMPTS[1], GREEDY),
+            batcher.submit(served("c", random_prefix(backbone, 3, short), 3), PROMPTS[2], GREEDY),
+            batcher.submit(served("d", random_prefix(backbone, 4)), PROMPTS[3], GenerationParams(max_new_tokens=3)),
+        ]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert sorted(forward_passes) == [1, 1, 2]
+    assert [r.batch_size for r in results] == [2, 2, 1, 1]
+    assert len(results[3].token_ids) <= 3
+
+
+def test_max_batch_size_caps_a_forward_pass(backbone, forward_passes):
+    batcher = Batcher(backbone, max_batch_size=2, max_wait_ms=500)
+    try:
+        futures = [batcher.submit(served(f"u{i}", random_prefix(backbone, i)), PROMPTS[i], GREEDY) for i in range(4)]
+        [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert forward_passes == [2, 2]
+
+
+def test_a_bad_row_fails_alone(backbone):
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500)
+    try:
+        good = batcher.submit(served("good", random_prefix(backbone, 1)), PROMPTS[0], GREEDY)
+        bad = batcher.submit(served("bad", random_prefix(backbone, 2)), "", GREEDY)  # tokenizes to nothing
+        assert good.result(timeout=60).token_ids
+        with pytest.raises(WorkerError, match="tokenizes to nothing"):
+            bad.result(timeout=60)
+    finally:
+        batcher.close()
+
+
+def test_close_finishes_queued_requests_then_refuses_new_ones(backbone):
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=50)
+    queued = batcher.submit(served("a", random_prefix(backbone, 1)), PROMPTS[0], GREEDY)
+    batcher.close()
+    assert queued.result(timeout=0).token_ids
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(served("a", random_prefix(backbone, 1)), PROMPTS[0], GREEDY)
