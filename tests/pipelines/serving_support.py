@@ -2,8 +2,6 @@
 generating for one user alone gives."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -46,7 +44,3 @@ def publish_user(registry: Registry, backbone: Backbone, user: str, *, seed: int
 
 def alone(backbone: Backbone, tensors: PrefixTensors, prompt: str, max_new_tokens: int = NEW_TOKENS) -> str:
     return generate(backbone, [tensors], [prompt], max_new_tokens=max_new_tokens)[0]
-
-
-def model_dir(backbone: Backbone) -> Path:
-    return Path(backbone.name_or_path)

@@ -1,0 +1,61 @@
+"""The Ray Serve deployment for clusters: each replica holds the backbone, a prefix cache and the
+same cross-user batcher and FastAPI app as the in-process server. The batching across users is
+ours: Serve's `@serve.batch` never puts two model ids into one batch, and its multiplexing keeps
+few models per replica."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+
+from pipelines.serving.http import create_app
+from pipelines.serving.service import PrefixService, ServeConfig
+from registry import Registry
+from workers.backbone import load_backbone
+
+APP_NAME = "prefixfleet"
+
+
+@dataclass(frozen=True)
+class RegistryAddress:
+    """Where a replica finds the registry (a Registry object does not travel between processes).
+    Credentials come from the replica's environment."""
+
+    tracking_uri: str
+    store_uri: str
+    s3_endpoint_url: str | None = None
+    model_prefix: str = "pf"
+
+    def open(self) -> Registry:
+        return Registry(self.tracking_uri, self.store_uri, s3_endpoint_url=self.s3_endpoint_url,
+                        model_prefix=self.model_prefix)
+
+
+@serve.ingress()
+class PrefixFleetReplica:
+    def __init__(self, backbone: str, registry: RegistryAddress, config: ServeConfig, device: str | None) -> None:
+        self.service = PrefixService(load_backbone(backbone, device=device), registry.open(), config)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.service)
+
+
+def build(backbone: str, registry: RegistryAddress, config: ServeConfig = ServeConfig(), *,
+          replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, device: str | None = None,
+          env: dict[str, str] | None = None) -> Application:
+    """The application to `serve.run`; each replica may take up to 4 batches' worth of requests so
+    that the batcher sees many users at once."""
+    deployment = serve.deployment(
+        PrefixFleetReplica, name=APP_NAME, num_replicas=replicas,
+        max_ongoing_requests=4 * config.max_batch_size,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env or {}}},
+    )
+    return deployment.bind(backbone, registry, config, device)
+
+
+def run(app: Application, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> None:
+    """Start Serve's HTTP proxy on host:port and deploy `app` at `/`."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)

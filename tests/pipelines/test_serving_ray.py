@@ -1,0 +1,45 @@
+"""The Ray Serve deployment on local Ray answers over HTTP with the same app and batcher as the
+in-process server."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from pipelines.serving import ServeConfig
+from pipelines.serving import ray_app
+from tests.fixtures.servers import free_port
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def ray_serve(local_ray) -> Iterator[None]:
+    from ray import serve
+
+    yield
+    serve.shutdown()
+
+
+def test_ray_serve_deployment_answers(ray_serve, local_registry, tmp_path_factory):
+    backbone = tiny_backbone(tmp_path_factory)
+    users = {f"r{i}": publish_user(local_registry, backbone, f"r{i}", seed=i)[1] for i in range(4)}
+    where = ray_app.RegistryAddress(local_registry.tracking_uri, local_registry.store_uri,
+                                    model_prefix=local_registry.prefix)
+    port = free_port()
+    ray_app.run(ray_app.build(backbone.name_or_path, where, ServeConfig(max_wait_ms=20)), port=port)
+
+    def ask(user: str, prompt: str) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
+                          json={"user_id": user, "prompt": prompt, "max_new_tokens": NEW_TOKENS})
+
+    jobs = [(user, PROMPTS[i]) for i, user in enumerate(users)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: ask(*job), jobs))
+    assert [r.status_code for r in responses] == [200] * len(jobs)
+    assert [r.json()["text"] for r in responses] == [alone(backbone, users[u], p) for u, p in jobs]
+    missing = ask("nobody", "hi")
+    assert (missing.status_code, missing.json()["detail"]) == (404, "no prefix for user 'nobody' in namespace 'default'")
