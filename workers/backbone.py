@@ -92,14 +92,17 @@ def load_backbone(
 ) -> Backbone:
     """Load any supported HF model id or local save_pretrained directory, frozen.
 
-    `attn_implementation="eager"` makes every row's result independent of the other rows and of
-    padding, bit for bit (SDPA's fused CPU kernel rounds differently with the padded length);
-    that is the deterministic mode the packed-equals-alone proofs run in.
+    Attention defaults to `eager` on CPU: there every row's result is independent of the other
+    rows and of padding, bit for bit (SDPA's fused CPU kernel rounds differently with the padded
+    length), at no cost in speed on small models. On accelerators transformers' default (SDPA)
+    is kept; packed and alone then agree within float tolerance.
     """
     config = AutoConfig.from_pretrained(name_or_path)
     family = family_for(config)
     auto = AutoModelForSeq2SeqLM if family.encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(name_or_path, dtype=dtype or torch.float32, attn_implementation=attn_implementation)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    attention = attn_implementation or ("eager" if on_cpu else None)
+    model = auto.from_pretrained(name_or_path, dtype=dtype or torch.float32, attn_implementation=attention)
     if device is not None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

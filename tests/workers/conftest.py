@@ -20,7 +20,7 @@ def backbone_dirs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def backbones(backbone_dirs) -> dict[str, Backbone]:
-    return {family: load_backbone(path, attn_implementation="eager") for family, path in backbone_dirs.items()}
+    return {family: load_backbone(path) for family, path in backbone_dirs.items()}
 
 
 def examples_for(user_index: int, count: int = 24) -> list[Example]:

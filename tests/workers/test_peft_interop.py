@@ -18,13 +18,13 @@ from tests.workers.conftest import examples_for
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["prefix", "ptuning-v2", "prompt"])
 def test_peft_export_gives_identical_logits(backbone_dirs, tmp_path, family, method):
-    ours = load_backbone(backbone_dirs[family], attn_implementation="eager")
+    ours = load_backbone(backbone_dirs[family])
     spec = PrefixSpec(method=method, num_virtual_tokens=5, reparam_hidden=32)
     with torch.no_grad():
         tensors = {k: v.detach() for k, v in UserPrefix(ours, spec, torch.Generator().manual_seed(3))().items()}
     adapter = export_peft(ours, tensors, spec, tmp_path / "adapter")
 
-    base = load_backbone(backbone_dirs[family], attn_implementation="eager").model
+    base = load_backbone(backbone_dirs[family]).model
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     batch = collate(ours, encode(ours, examples_for(1, 3), user="u", limit=128))
     with torch.no_grad():
