@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -209,7 +210,8 @@ def test_plain_cronjob_submits_retrain_to_the_head_and_never_overlaps() -> None:
     split = argv.index("--")
     address = argv[argv.index("--address", 0, split) + 1]
     cluster = _one("RayCluster")
-    head_ports = {p["name"]: p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    head_ports = {port["name"]: port["containerPort"] for port in head["ports"]}
     assert address == f"http://{cluster['metadata']['name']}-head-svc:{head_ports['dashboard']}"
 
 
