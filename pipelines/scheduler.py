@@ -180,10 +180,11 @@ class Scheduler:
             self.log(f"{_stamp(started)} {self.job}: start: prefixfleet {shlex.join(self.command)}")
             exit_code = self.runner(self.command)
             ended = self.clock()
-        duration = round((ended - started).total_seconds(), 3)
-        self._event(
-            "end", fire, started_at=_stamp(started), ended_at=_stamp(ended), duration_s=duration, exit_code=exit_code
-        )
+            duration = round((ended - started).total_seconds(), 3)
+            self._event(
+                "end", fire, started_at=_stamp(started), ended_at=_stamp(ended), duration_s=duration,
+                exit_code=exit_code,
+            )
         self.log(f"{_stamp(ended)} {self.job}: end: exit code {exit_code} after {duration:.1f}s")
         summary.runs += 1
         summary.failed += int(exit_code != 0)
