@@ -28,6 +28,16 @@ class Transient(RegistryError):
     """The backend was busy (locked database, version-number race, 5xx): safe to try again."""
 
 
+_RACE_MARKERS = ("IntegrityError", "UNIQUE constraint failed", "duplicate key value", "Duplicate entry",
+                 "database is locked", "Giving up after")
+
+
+def is_write_race(message: str) -> bool:
+    """An error MLflow reports when two writers collide on a row (alias or tag upsert, version
+    number): the write did not happen and may be repeated."""
+    return any(marker in message for marker in _RACE_MARKERS)
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     """A model version; `aliases` is filled by single-version reads only (MLflow's search omits it)."""

@@ -16,7 +16,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from registry.catalog import PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord
+from registry.catalog import (
+    PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord, is_write_race,
+)
 from registry.errors import RegistryError
 
 _SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
@@ -78,7 +80,7 @@ class RestCatalog(Catalog):
             raise Missing(message)
         if code == "RESOURCE_ALREADY_EXISTS":
             raise AlreadyExists(message)
-        if resp.status_code in _TRANSIENT_STATUS:
+        if resp.status_code in _TRANSIENT_STATUS or is_write_race(message):
             raise Transient(f"MLflow {endpoint} answered {resp.status_code}: {message}")
         raise RegistryError(f"MLflow {endpoint} answered {resp.status_code}: {message}")
 

@@ -2,7 +2,8 @@
 
 sqlite is switched to WAL (readers never wait for the writer) before MLflow opens it; MLflow sets
 a 20 s busy timeout per session. Version-number races that outlast MLflow's three retries and
-locked-database errors surface as `Transient`.
+locked-database errors, and unique-key collisions of racing alias or tag upserts, surface as
+`Transient`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag, Regist
 from mlflow.exceptions import MlflowException
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-from registry.catalog import PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord
+from registry.catalog import (
+    PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord, is_write_race,
+)
 from registry.errors import RegistryError
 
 _SQLITE = "sqlite:///"
@@ -43,7 +46,7 @@ def _translate(exc: MlflowException) -> RegistryError:
         return Missing(message)
     if code == "RESOURCE_ALREADY_EXISTS":
         return AlreadyExists(message)
-    if code == "TEMPORARILY_UNAVAILABLE" or "Giving up after" in message:
+    if code == "TEMPORARILY_UNAVAILABLE" or is_write_race(message):
         return Transient(message)
     return RegistryError(f"MLflow: {message}")
 

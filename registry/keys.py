@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from registry.errors import InvalidUserKey
+from registry.errors import IntegrityError, InvalidUserKey
 
 MAX_ESCAPED_USER = 200  # keeps model names within MLflow's 256 and file names within 255 bytes
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -22,6 +22,7 @@ _PREFIX = re.compile(r"[a-z][a-z0-9-]{0,15}")
 _RAW = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 _ESCAPED = re.compile(r"(?:[a-z0-9_-]|~[0-9a-f]{2})+")
 _CONFUSABLE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
+SHA256_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def escape(text: str) -> str:
@@ -111,6 +112,9 @@ class UserKey:
         return f"{self.namespace}/{self.shard}/{self.escaped_user}"
 
     def object_key(self, sha256: str) -> str:
+        """Where the artifact with this digest lives; IntegrityError if it is not a sha256 digest."""
+        if not SHA256_DIGEST.fullmatch(sha256):
+            raise IntegrityError(f"{sha256[:80]!r} is not a sha256 digest")
         return f"{self.object_dir}/{sha256}.safetensors"
 
     def model_name(self, prefix: str) -> str:

@@ -14,7 +14,7 @@ from registry import refs
 from registry.catalog import Missing, VersionRecord, retrying
 from registry.errors import IntegrityError
 from registry.header import read_header
-from registry.keys import UserKey, unescape
+from registry.keys import SHA256_DIGEST, UserKey, unescape
 from registry.refs import VersionRef
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
         for rec in reversed(records):  # oldest first
             where = dict(namespace=key.namespace, user_id=key.user_id, version=rec.version)
             sha = rec.tags.get(refs.SHA256, "")
+            if SHA256_DIGEST.fullmatch(sha):
+                referenced.add(key.object_key(sha))
             problem = _version_fault(reg, key, rec, sizes)
             if problem:
                 kind, detail = problem
@@ -121,7 +123,6 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
                     live.discard(rec.version)
                 report.faults.append(Fault(kind, name, detail, **where, repaired=repair))
                 continue
-            referenced.add(key.object_key(sha))
             ident = rec.tags.get(refs.IDENTITY, "")
             if ident in seen and rec.version not in model.aliases.values():
                 if repair:

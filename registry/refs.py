@@ -103,6 +103,7 @@ class VersionRef:
                     aliases: list[str] | None = None) -> VersionRef:
         t = rec.tags
         try:
+            key.object_key(t[SHA256])  # a digest, not a path
             return cls(
                 key.namespace, key.user_id, rec.version, sorted(rec.aliases if aliases is None else aliases),
                 t[SHA256], int(t[SIZE]),

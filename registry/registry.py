@@ -36,7 +36,7 @@ class Registry:
     def __init__(self, tracking_uri: str, store_uri: str, *, s3_endpoint_url: str | None = None,
                  model_prefix: str = "pf", resolve_ttl: float = 1.0, cache_bytes: int = 256 << 20,
                  max_workers: int = 16) -> None:
-        self.tracking_uri, self.store_uri = tracking_uri, store_uri
+        self.tracking_uri, self.store_uri, self.s3_endpoint_url = tracking_uri, store_uri, s3_endpoint_url
         self.prefix = check_prefix(model_prefix)
         self.max_workers = max_workers
         self.catalog = open_catalog(tracking_uri, pool_size=2 * max_workers)

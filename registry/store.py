@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -15,6 +16,10 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from registry.errors import RegistryError
+
+
+_SESSION = boto3.session.Session()
+_SESSION_LOCK = threading.Lock()
 
 
 class ObjectStore(ABC):
@@ -118,7 +123,8 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",  # we verify sha256 ourselves
             response_checksum_validation="when_required",
         )
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        with _SESSION_LOCK:  # sessions are not thread-safe; one shared session caches the service model
+            self.client = _SESSION.client("s3", endpoint_url=endpoint_url, config=config)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

@@ -44,17 +44,25 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     session.config.stash[_LAUNCHED] = launched
     if any(_needs_servers(item) for item in session.items):
         root = Path(tempfile.mkdtemp(prefix="prefixfleet-servers-"))
-        launched["mlflow"] = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True)
+        launched["mlflow"] = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True,
+                                                          template_db=_template_path(session.config))
         launched["s3"] = servers.launch_s3_server(root / "s3", owns_workdir=True)
         for server in launched.values():
             session.config.add_cleanup(server.stop)
 
 
+def _template_path(config: pytest.Config) -> Path:
+    """A migrated MLflow sqlite database, cached across runs per MLflow version."""
+    folder = config.cache.mkdir("prefixfleet-mlflow-db")
+    return servers.make_template_db(folder / f"mlflow-{version('mlflow')}.db")
+
+
 def _server(config: pytest.Config, kind: str, tmp_path_factory: pytest.TempPathFactory) -> servers.ServerProcess:
     launched = config.stash.setdefault(_LAUNCHED, {})
     if kind not in launched:
-        launch = servers.launch_mlflow_server if kind == "mlflow" else servers.launch_s3_server
-        launched[kind] = launch(tmp_path_factory.mktemp(kind))
+        workdir = tmp_path_factory.mktemp(kind)
+        launched[kind] = (servers.launch_mlflow_server(workdir, template_db=_template_path(config)) if kind == "mlflow"
+                          else servers.launch_s3_server(workdir))
         config.add_cleanup(launched[kind].stop)
     return launched[kind].wait()
 
@@ -92,8 +100,7 @@ def s3_bucket(s3_endpoint: str) -> str:
 @pytest.fixture(scope="session")
 def mlflow_db_template(request: pytest.FixtureRequest) -> Path:
     """A migrated MLflow sqlite database, cached across runs per MLflow version."""
-    folder = request.config.cache.mkdir("prefixfleet-mlflow-db")
-    return servers.make_template_db(folder / f"mlflow-{version('mlflow')}.db")
+    return _template_path(request.config)
 
 
 @pytest.fixture
