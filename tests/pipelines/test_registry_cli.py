@@ -1,0 +1,90 @@
+"""`prefixfleet get|history|promote|rollback|forget|fsck` against a temp home (embedded defaults)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from registry import Registry, UserKey
+from tests.fixtures.artifacts import make_artifact
+
+
+@pytest.fixture
+def home(local_env):
+    """A temp PREFIXFLEET_HOME where alice has versions 1 (production) and 2 (candidate)."""
+    with Registry.from_env() as reg:
+        key = UserKey("default", "alice")
+        for data in ("d1", "d2"):
+            reg.publish(key, make_artifact("default", "alice", data_fingerprint=data), metrics={"eval_loss": 1.0})
+        reg.promote(key, 1)
+    return local_env["PREFIXFLEET_HOME"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_get_json_prints_the_contract_fields_and_out_writes_verified_bytes(home, tmp_path):
+    result = run("get", "alice", "--json", "--out", str(tmp_path / "p.safetensors"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert {"namespace", "user_id", "version", "alias", "sha256", "size_bytes", "uri", "backbone_fingerprint",
+            "data_fingerprint", "spec", "metrics"} <= payload.keys()
+    assert (payload["version"], payload["alias"], payload["metrics"]) == (1, "production", {"eval_loss": 1.0})
+    with Registry.from_env() as reg:
+        assert (tmp_path / "p.safetensors").read_bytes() == reg.fetch(UserKey("default", "alice"))
+    assert json.loads(run("get", "alice", "--alias", "candidate", "--json").stdout)["version"] == 2
+    assert json.loads(run("get", "alice", "--version", "2", "--json").stdout)["version"] == 2
+    assert "version 1" in run("get", "alice").stdout
+
+
+def test_unknown_user_exits_1_with_one_line_reason(home):
+    result = run("get", "nobody")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip() == "error: no prefix for user 'nobody' in namespace 'default'"
+    result = run("get", "alice", "--namespace", "other", "--json")
+    assert result.exit_code == 1 and "namespace 'other'" in result.stderr
+    assert run("get", "bad\x00id").exit_code == 2
+
+
+def test_history_promote_rollback(home):
+    history = json.loads(run("history", "alice", "--json").stdout)
+    assert [(v["version"], v["aliases"]) for v in history["versions"]] == [(2, ["candidate"]), (1, ["production"])]
+    promoted = run("promote", "alice", "2", "--json")
+    assert promoted.exit_code == 0 and json.loads(promoted.stdout)["version"] == 2
+    assert json.loads(run("rollback", "alice", "--json").stdout)["version"] == 1
+    second = run("rollback", "alice")
+    assert second.exit_code == 1 and "no earlier production version" in second.stderr
+    assert run("promote", "alice", "9").exit_code == 1
+
+
+def test_forget_prints_a_receipt_and_leaves_nothing(home):
+    result = run("forget", "alice", "--json")
+    receipt = json.loads(result.stdout)
+    assert result.exit_code == 0 and receipt["versions"] == [2, 1] and len(receipt["objects"]) == 2
+    assert receipt["aliases"] == {"candidate": 2, "production": 1}
+    assert run("get", "alice").exit_code == 1
+
+
+def test_fsck_reports_then_repairs(home):
+    with Registry.from_env() as reg:
+        orphan = make_artifact("default", "ghost")
+        reg.store.put(UserKey("default", "ghost").object_key(hashlib.sha256(orphan).hexdigest()), orphan)
+    found = run("fsck", "--json")
+    assert found.exit_code == 1 and "run with --repair" in found.stderr
+    assert [f["kind"] for f in json.loads(found.stdout)["faults"]] == ["orphan_artifact"]
+    repaired = run("fsck", "--repair", "--json")
+    assert repaired.exit_code == 0 and json.loads(repaired.stdout)["faults"][0]["repaired"] is True
+    clean = run("fsck")
+    assert clean.exit_code == 0 and "0 faults" in clean.stdout
+
+
+def test_home_option_selects_another_home(home, tmp_path, mlflow_db_template):
+    other = tmp_path / "other-home"
+    other.mkdir()
+    (other / "mlflow.db").write_bytes(mlflow_db_template.read_bytes())
+    assert run("get", "alice", "--home", str(other)).exit_code == 1
+    assert run("get", "alice", "--home", home).exit_code == 0
