@@ -13,6 +13,8 @@ from workers.errors import WorkerError
 from workers.generate import generate_ids
 from workers.prefix import PrefixTensors
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GREEDY = GenerationParams(max_new_tokens=NEW_TOKENS)
 
 

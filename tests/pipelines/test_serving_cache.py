@@ -13,6 +13,8 @@ from registry import NotFound, Registry, UserKey
 from tests.pipelines.serving_support import publish_user, random_prefix, tiny_backbone
 from workers.errors import BackboneMismatch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):

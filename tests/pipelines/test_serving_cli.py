@@ -22,6 +22,8 @@ from tests.pipelines.serving_support import PROMPTS, alone, publish_user, random
 from workers.artifact import ArtifactMeta, serialize
 from workers.spec import PrefixSpec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):

@@ -15,6 +15,8 @@ from tests.fixtures.servers import make_local_registry
 from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
 from workers.backbone import Backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 USERS = [f"user-{i:02d}" for i in range(10)]
 
 

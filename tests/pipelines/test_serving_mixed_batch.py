@@ -12,6 +12,8 @@ from workers.prefix import PrefixTensors, expected_shapes
 from workers.spec import METHODS, PrefixSpec
 from workers.tiny import SPECIAL_TOKENS, build_backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAMILIES = ("gpt2", "llama", "t5")
 PROMPTS = ("order 3 kite for Bo\n", "hi", "order 9 lamp for Kim, and a longer note\n", "Dear Ana", "x",
            "order 1 mug for Jo\n")
