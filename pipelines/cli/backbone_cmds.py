@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
-from workers.artifact import ArtifactMeta, deserialize, serialize
+from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
+from workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
 from workers.backbone import load_backbone
 from workers.errors import WorkerError
 from workers.peft_interop import WEIGHTS_FILE, export_peft, import_peft, read_peft_config
@@ -45,15 +45,17 @@ def export(
     """Write a user's prefix as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
     if fmt != "peft":
         fail(f"unknown format {fmt!r}; only 'peft' is supported")
-    registry = open_registry(home)
     key = user_key(namespace, user)
-    try:
+    with registry_session(home) as registry:
         data = registry.fetch(key, alias)
-        tensors, meta = deserialize(data)
-        model = load_backbone(backbone or meta.backbone)
+    source = backbone or read_meta(data).backbone
+    if not source:
+        fail(f"the prefix of {namespace}/{user} records no backbone; pass --backbone")
+    try:
+        model = load_backbone(source)
         tensors, meta = deserialize(data, backbone_fingerprint=model.fingerprint)
         export_peft(model, tensors, meta.spec, out)
-    except WorkerError as exc:
+    except (WorkerError, OSError) as exc:
         fail(str(exc))
     emit({"namespace": namespace, "user_id": user, "out": str(out), "format": fmt,
           "sha256": hashlib.sha256(data).hexdigest()}, as_json, f"wrote {out}")
@@ -81,8 +83,8 @@ def import_(
     key = user_key(namespace, user)
     weights_digest = hashlib.sha256((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()
     meta = ArtifactMeta(namespace, user, spec, model.fingerprint, f"peft:{weights_digest}", backbone=str(base))
-    registry = open_registry(home)
-    ref = registry.publish(key, serialize(tensors, meta), tags={"source": "peft-import"})
-    if promote:
-        ref = registry.promote(key, ref.version)
+    with registry_session(home) as registry:
+        ref = registry.publish(key, serialize(tensors, meta), tags={"source": "peft-import"})
+        if promote:
+            ref = registry.promote(key, ref.version)
     emit(ref.to_json(), as_json, f"published {namespace}/{user} version {ref.version}")

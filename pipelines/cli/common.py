@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
 from registry import Registry, UserKey
-from registry.errors import RegistryError
+from registry.errors import IntegrityError, RegistryError
 
 HomeOption = Annotated[Optional[Path], typer.Option(
     "--home", envvar="PREFIXFLEET_HOME", help="Holds the embedded MLflow database and file store (default ~/.prefixfleet).")]
@@ -43,3 +45,18 @@ def open_registry(home: Path | None) -> Registry:
         return Registry.from_env(home)
     except RegistryError as exc:
         fail(str(exc))
+
+
+@contextmanager
+def registry_session(home: Path | None) -> Iterator[Registry]:
+    """An open registry; registry errors end the command with a one-line reason
+    (exit 1, or 3 when stored bytes fail verification)."""
+    registry = open_registry(home)
+    try:
+        yield registry
+    except IntegrityError as exc:
+        fail(str(exc), code=3)
+    except (RegistryError, ValueError) as exc:
+        fail(str(exc))
+    finally:
+        registry.close()
