@@ -105,7 +105,7 @@ class VersionRef:
         try:
             key.object_key(t[SHA256])  # a digest, not a path
             return cls(
-                key.namespace, key.user_id, rec.version, sorted(rec.aliases if aliases is None else aliases),
+                key.namespace, key.user_id, rec.version, sorted(set(rec.aliases if aliases is None else aliases)),
                 t[SHA256], int(t[SIZE]),
                 rec.source, t[BACKBONE], t[DATA], json.loads(t[SPEC]),
                 {k[len(METRIC):]: float(v) for k, v in t.items() if k.startswith(METRIC)},

@@ -326,7 +326,7 @@ class Registry:
                 self._record_production(name, version)
         finally:
             self._resolutions.invalidate(name)
-        return self.resolve(key, alias)
+        return VersionRef.from_record(key, rec, alias=alias, aliases=[*rec.aliases, alias])
 
     def rollback(self, key: UserKey) -> VersionRef:
         """Move production back to the production version before the current one."""
