@@ -137,7 +137,7 @@ class ForgetReceipt:
     model_name: str | None  # None when MLflow held nothing for the user
     versions: list[int]
     aliases: dict[str, int]
-    objects: list[str]
+    objects: list[str]  # URIs of the artifacts deleted
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

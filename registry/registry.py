@@ -373,7 +373,7 @@ class Registry:
         finally:
             self.invalidate(key)
         return ForgetReceipt(key.namespace, key.user_id, name if model else None, versions,
-                             dict(model.aliases) if model else {}, objects)
+                             dict(model.aliases) if model else {}, [self.store.uri_for(k) for k in objects])
 
     def fsck(self, repair: bool = False) -> FsckReport:
         """Check every user of this registry against the object store (see registry.maintenance)."""
