@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures: 
 import mlflow  # noqa: E402
 import requests  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from requests.adapters import HTTPAdapter  # noqa: E402
 from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository  # noqa: E402
+from requests.adapters import HTTPAdapter  # noqa: E402
 
 from registry import PublishRequest, Registry, UserKey  # noqa: E402
 from registry import refs as tags  # noqa: E402
@@ -203,7 +203,10 @@ def warm_phase(vanilla: Vanilla, reg: Registry, keys: list[UserKey]) -> list[Row
 def bulk_register(db: Path, store_uri: str, prefix: str, count: int) -> float:
     """Insert `count` users (model + tagged version + alias each) with MLflow's table definitions."""
     from mlflow.store.model_registry.dbmodels.models import (
-        SqlModelVersion, SqlModelVersionTag, SqlRegisteredModel, SqlRegisteredModelAlias,
+        SqlModelVersion,
+        SqlModelVersionTag,
+        SqlRegisteredModel,
+        SqlRegisteredModelAlias,
     )
     from sqlalchemy import create_engine, insert
 
@@ -255,7 +258,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.update(servers.AWS_TEST_ENV)
-    os.environ.update(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    os.environ.update(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_DISABLE_TELEMETRY="true")
     root = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     template = servers.make_template_db(root / "template.db")
     mlflow_srv = servers.launch_mlflow_server(root / "mlflow", template_db=template)

@@ -17,7 +17,14 @@ from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
 from registry.catalog import (
-    PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord, is_write_race,
+    PAGE_MAX_MODELS,
+    AlreadyExists,
+    Catalog,
+    Missing,
+    ModelRecord,
+    Transient,
+    VersionRecord,
+    is_write_race,
 )
 from registry.errors import RegistryError
 
@@ -124,9 +131,10 @@ class RestCatalog(Catalog):
 
     def get_version_by_alias(self, name: str, alias: str) -> VersionRecord | None:
         try:
-            return _version(self._call("GET", "registered-models/alias", {"name": name, "alias": alias})["model_version"])
+            js = self._call("GET", "registered-models/alias", {"name": name, "alias": alias})
         except Missing:
             return None
+        return _version(js["model_version"])
 
     def search_versions(self, filter_string: str, *, order_by: str, max_results: int,
                         page_token: str | None = None) -> tuple[list[VersionRecord], str | None]:

@@ -15,7 +15,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
 from registry.catalog import (
-    PAGE_MAX_MODELS, AlreadyExists, Catalog, Missing, ModelRecord, Transient, VersionRecord, is_write_race,
+    PAGE_MAX_MODELS,
+    AlreadyExists,
+    Catalog,
+    Missing,
+    ModelRecord,
+    Transient,
+    VersionRecord,
+    is_write_race,
 )
 from registry.errors import RegistryError
 

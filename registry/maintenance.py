@@ -143,7 +143,8 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
     for object_key in sorted(set(sizes) - referenced):
         owner = _object_owner(object_key)
         if owner is None:
-            report.faults.append(Fault("stray_object", reg.store.uri_for(object_key), "not in the registry's key layout"))
+            report.faults.append(Fault("stray_object", reg.store.uri_for(object_key),
+                                       "not in the registry's key layout"))
             continue
         key, _ = owner
         if repair:

@@ -17,7 +17,6 @@ from botocore.exceptions import ClientError
 
 from registry.errors import RegistryError
 
-
 _SESSION = boto3.session.Session()
 _SESSION_LOCK = threading.Lock()
 

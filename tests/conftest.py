@@ -149,7 +149,8 @@ def local_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mlflow_db_templat
 
 
 @pytest.fixture
-def server_env(monkeypatch: pytest.MonkeyPatch, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str) -> dict[str, str]:
+def server_env(monkeypatch: pytest.MonkeyPatch, mlflow_server_uri: str, s3_endpoint: str,
+               s3_bucket: str) -> dict[str, str]:
     prefix = servers.unique_prefix()
     env = {"MLFLOW_TRACKING_URI": mlflow_server_uri, "PREFIXFLEET_STORE": f"s3://{s3_bucket}/{prefix}",
            "AWS_ENDPOINT_URL": s3_endpoint, "PREFIXFLEET_MODEL_PREFIX": prefix}

@@ -113,7 +113,8 @@ def fsck(
     with _session(home) as registry:
         report = registry.fsck(repair=repair)
     lines = [f"{f.kind}\t{f.location}\t{f.detail}" + ("\t(repaired)" if f.repaired else "") for f in report.faults]
-    summary = f"{report.users} users, {report.versions} versions, {report.objects} artifacts, {len(report.faults)} faults"
+    summary = (f"{report.users} users, {report.versions} versions, {report.objects} artifacts, "
+               f"{len(report.faults)} faults")
     emit(report.to_json(), as_json, "\n".join([*lines, summary]))
     if not report.clean:
         fail(f"{sum(not f.repaired for f in report.faults)} faults remain; run with --repair to fix them")

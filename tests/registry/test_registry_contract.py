@@ -8,7 +8,13 @@ import time
 import pytest
 
 from registry import (
-    IntegrityError, NotFound, PublishRequest, Registry, RegistryError, UserKey, VersionRef,
+    IntegrityError,
+    NotFound,
+    PublishRequest,
+    Registry,
+    RegistryError,
+    UserKey,
+    VersionRef,
 )
 from tests.fixtures.artifacts import DEFAULT_SPEC, make_artifact
 
@@ -19,7 +25,8 @@ GET_JSON_FIELDS = {"namespace", "user_id", "version", "alias", "sha256", "size_b
 
 def publish(reg: Registry, key: UserKey = ALICE, data: str = "data-1", **kwargs) -> VersionRef:
     artifact_kwargs = {k: kwargs.pop(k) for k in ("spec", "backbone_fingerprint", "seed") if k in kwargs}
-    return reg.publish(key, make_artifact(key.namespace, key.user_id, data_fingerprint=data, **artifact_kwargs), **kwargs)
+    artifact = make_artifact(key.namespace, key.user_id, data_fingerprint=data, **artifact_kwargs)
+    return reg.publish(key, artifact, **kwargs)
 
 
 def test_publish_records_everything_and_fetch_returns_the_same_bytes(registry):
@@ -172,7 +179,8 @@ def test_warm_fetches_are_served_from_memory(registry, monkeypatch):
     registry.promote(ALICE, registry.publish(ALICE, artifact).version)
     assert registry.fetch(ALICE) == artifact
     monkeypatch.setattr(registry.store, "get", lambda key: pytest.fail("store read on a warm fetch"))
-    monkeypatch.setattr(registry.catalog, "get_version_by_alias", lambda *a: pytest.fail("MLflow read on a warm resolve"))
+    monkeypatch.setattr(registry.catalog, "get_version_by_alias",
+                        lambda *a: pytest.fail("MLflow read on a warm resolve"))
     assert registry.fetch(ALICE) == artifact
 
 

@@ -13,7 +13,8 @@ from tests.fixtures.artifacts import DEFAULT_SPEC, make_artifact
 def test_header_gives_the_binding_and_the_exact_size():
     data = make_artifact("ns", "alice", data_fingerprint="d", backbone_fingerprint="b")
     header = read_header(data)
-    assert (header.namespace, header.user_id, header.data_fingerprint, header.backbone_fingerprint) == ("ns", "alice", "d", "b")
+    fields = (header.namespace, header.user_id, header.data_fingerprint, header.backbone_fingerprint)
+    assert fields == ("ns", "alice", "d", "b")
     assert header.expected_size == len(data)
     header.check_binding(UserKey("ns", "alice"))
 

@@ -74,7 +74,8 @@ def test_forged_references_never_read_another_users_storage(registry, published)
     with pytest.raises(IntegrityError, match="outside the user's storage"):
         registry.fetch_ref(dataclasses.replace(alice, uri=bob.uri))
     with pytest.raises(IntegrityError, match="missing"):
-        registry.fetch_ref(dataclasses.replace(alice, sha256=bob.sha256, uri=registry.store.uri_for(ALICE.object_key(bob.sha256))))
+        planted_uri = registry.store.uri_for(ALICE.object_key(bob.sha256))
+        registry.fetch_ref(dataclasses.replace(alice, sha256=bob.sha256, uri=planted_uri))
     assert registry.fetch(BOB) == registry.fetch_ref(bob)
 
 

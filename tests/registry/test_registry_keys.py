@@ -53,7 +53,8 @@ def test_path_and_name_hostile_ids_are_escaped_not_mangled(user_id):
 
 
 def test_case_differences_stay_distinct_on_case_insensitive_databases():
-    assert UserKey("default", "Alice").model_name(PREFIX).lower() != UserKey("default", "alice").model_name(PREFIX).lower()
+    upper, lower = UserKey("default", "Alice"), UserKey("default", "alice")
+    assert upper.model_name(PREFIX).lower() != lower.model_name(PREFIX).lower()
 
 
 def test_names_of_other_prefixes_or_shapes_are_not_ours():
