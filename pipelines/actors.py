@@ -1,0 +1,212 @@
+"""The trainer actor: loads the frozen backbone once, then trains, gates and publishes many users.
+
+Actors publish their users themselves rather than returning artifacts to the driver: publish
+throughput grows with the number of actors, artifact bytes never cross the cluster twice, and the
+driver stays a light scheduler at millions of users. Publishing runs on a small thread pool so
+registry latency overlaps training. Exactly once: before training a chunk the actor looks each
+user up by (data fingerprint, spec, backbone fingerprint); a chunk retried after a crash finishes
+the users it had already published (including their promotion) instead of training them again,
+and the registry's publish is itself idempotent on that identity.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+
+from pipelines.gate import judge
+from pipelines.plan import UserTask
+from registry import NotFound, Registry, VersionRef
+from registry.errors import RegistryError
+from workers.artifact import ArtifactMeta, deserialize, serialize
+from workers.backbone import load_backbone, weights_checksum
+from workers.errors import WorkerError
+from workers.prefix import PrefixTensors
+from workers.spec import TrainConfig
+from workers.trainer import UserJob, UserResult, evaluate, prepare, train_users
+
+PUBLISH_THREADS = 4
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Enough to open the same registry inside an actor."""
+
+    tracking_uri: str
+    store_uri: str
+    model_prefix: str = "pf"
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def of(cls, registry: Registry) -> RegistryConfig:
+        return cls(registry.tracking_uri, registry.store_uri, registry.prefix, os.environ.get("AWS_ENDPOINT_URL"))
+
+    def open(self) -> Registry:
+        return Registry(self.tracking_uri, self.store_uri, model_prefix=self.model_prefix,
+                        s3_endpoint_url=self.s3_endpoint_url)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every chunk of one job shares."""
+
+    run_id: str
+    kind: str  # "train" | "retrain"
+    backbone: str  # id or path, recorded in each artifact
+    config: TrainConfig
+    pack_size: int
+
+
+@dataclass
+class Outcome:
+    """What happened to one user."""
+
+    namespace: str
+    user_id: str
+    status: str  # "trained" | "skipped" | "failed"
+    version: int | None = None
+    sha256: str | None = None
+    eval_loss: float | None = None
+    baseline_eval_loss: float | None = None
+    production_eval_loss: float | None = None
+    promoted: bool = False
+    reason: str = ""
+    loss_curve: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["loss_curve"]
+        return out
+
+
+def failed(task: UserTask, reason: str) -> Outcome:
+    return Outcome(task.namespace, task.user_id, "failed", reason=reason)
+
+
+class UserTrainer:
+    """Plain class; `TrainerActor` below is its Ray actor. One instance per process."""
+
+    def __init__(self, backbone: str, registry: RegistryConfig, device: str | None = None) -> None:
+        self.backbone = load_backbone(backbone, device=device)
+        self.checksum = weights_checksum(self.backbone.model)
+        self.registry = registry.open()
+        self.publisher = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
+        self.lock = threading.Lock()
+        self.counts = {"pid": os.getpid(), "chunk_size": 0, "chunk_done": 0}
+
+    def fingerprint(self) -> str:
+        return self.backbone.fingerprint
+
+    def unchanged(self) -> bool:
+        """Invariant 6: the backbone's weights are bit-identical to when they were loaded."""
+        return weights_checksum(self.backbone.model) == self.checksum
+
+    @ray.method(concurrency_group="status")
+    def status(self) -> dict[str, int]:
+        """Answered while a chunk trains: pid and how far the current chunk is."""
+        with self.lock:
+            return dict(self.counts)
+
+    def train(self, tasks: list[UserTask], context: JobContext) -> list[Outcome]:
+        """Train, gate and publish a chunk of users; one outcome per task, in order."""
+        with self.lock:
+            self.counts.update(chunk_size=len(tasks), chunk_done=0)
+        outcomes: dict[str, Outcome | Future[Outcome]] = {}
+        jobs, production = [], {}
+        for task in tasks:
+            try:
+                existing = self.registry.find(task.key, data_fingerprint=task.data_fingerprint,
+                                              spec=task.spec.to_json(), backbone_fingerprint=self.fingerprint())
+                if existing is not None:
+                    outcomes[task.label] = self._finish_existing(existing, context)
+                    self._done()
+                    continue
+                job = UserJob(task.label, task.train, task.spec, context.config, task.eval or None,
+                              start=self._warm_start(task))
+                production[task.label] = self._production_loss(task, job)
+                jobs.append(job)
+            except (RegistryError, WorkerError) as exc:
+                outcomes[task.label] = failed(task, str(exc))
+                self._done()
+        by_label = {task.label: task for task in tasks}
+
+        def on_result(result: UserResult) -> None:
+            outcomes[result.user] = self.publisher.submit(
+                self._publish, by_label[result.user], result, production[result.user], context)
+
+        train_users(self.backbone, jobs, pack_size=context.pack_size, on_result=on_result)
+        return [_resolved(outcomes[task.label]) for task in tasks]
+
+    def _done(self) -> None:
+        with self.lock:
+            self.counts["chunk_done"] += 1
+
+    def _tensors(self, ref: VersionRef) -> PrefixTensors:
+        tensors, _ = deserialize(self.registry.fetch_ref(ref), backbone_fingerprint=self.fingerprint())
+        return tensors
+
+    def _warm_start(self, task: UserTask) -> PrefixTensors | None:
+        if task.warm_start is None:
+            return None
+        return self._tensors(self.registry.resolve(task.key, version=task.warm_start))
+
+    def _production_loss(self, task: UserTask, job: UserJob) -> float | None:
+        """Production's eval loss on this job's eval split (None: no production on this backbone)."""
+        self.registry.invalidate(task.key)
+        try:
+            ref = self.registry.resolve(task.key, "production")
+        except NotFound:
+            return None
+        if ref.backbone_fingerprint != self.fingerprint():
+            return None
+        _, evals = prepare(self.backbone, job)
+        loss, = evaluate(self.backbone, [(self._tensors(ref), evals)])
+        return loss
+
+    def _publish(self, task: UserTask, result: UserResult, production_loss: float | None,
+                 context: JobContext) -> Outcome:
+        try:
+            if not result.ok:
+                return failed(task, result.error or "training failed")
+            verdict = judge(result.eval_loss, result.baseline_eval_loss, production_loss)
+            meta = ArtifactMeta(task.namespace, task.user_id, task.spec, self.fingerprint(), task.data_fingerprint,
+                                backbone=context.backbone)
+            metrics = result.metrics()
+            if production_loss is not None:
+                metrics["production_eval_loss"] = production_loss
+            ref = self.registry.publish(task.key, serialize(result.tensors, meta), metrics=metrics,
+                                        run_id=context.run_id, alias="candidate",
+                                        tags={"job": context.kind, "reason": task.reason})
+            if verdict.promote:
+                self.registry.promote(task.key, ref.version)
+            return Outcome(task.namespace, task.user_id, "trained", ref.version, ref.sha256, result.eval_loss,
+                           result.baseline_eval_loss, production_loss, verdict.promote, verdict.reason,
+                           result.loss_curve)
+        except (RegistryError, WorkerError) as exc:
+            return failed(task, str(exc))
+        finally:
+            self._done()
+
+    def _finish_existing(self, ref: VersionRef, context: JobContext) -> Outcome:
+        """A user already published: by this job before a crash (finish its gate), or by another job."""
+        m = ref.metrics
+        if ref.run_id != context.run_id:
+            return Outcome(ref.namespace, ref.user_id, "skipped", ref.version, ref.sha256, m.get("eval_loss"),
+                           m.get("baseline_eval_loss"), reason=f"already published as version {ref.version}")
+        verdict = judge(m.get("eval_loss"), m.get("baseline_eval_loss"), m.get("production_eval_loss"))
+        if verdict.promote and "production" not in ref.aliases:
+            self.registry.promote(ref.key, ref.version)
+        return Outcome(ref.namespace, ref.user_id, "trained", ref.version, ref.sha256, m.get("eval_loss"),
+                       m.get("baseline_eval_loss"), m.get("production_eval_loss"), verdict.promote, verdict.reason)
+
+
+def _resolved(item: Outcome | Future[Outcome]) -> Outcome:
+    return item.result() if isinstance(item, Future) else item
+
+
+# Restarted after a crash (the backbone is reloaded) and the interrupted chunk is retried on it.
+TrainerActor = ray.remote(max_restarts=3, max_task_retries=3, concurrency_groups={"status": 1})(UserTrainer)

@@ -1,0 +1,130 @@
+"""The driver's side of a job: start trainer actors, feed them chunks of users, collect outcomes.
+
+Each actor has at most two chunks queued, so it starts the next chunk the moment one ends. A chunk
+interrupted by a crash is retried by Ray on the restarted actor (`max_task_retries`); an actor
+that dies for good (its restarts spent) fails only the users of its chunks, with the reason.
+"""
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from pipelines.actors import JobContext, Outcome, RegistryConfig, TrainerActor, failed
+from pipelines.errors import JobError
+from pipelines.plan import UserTask
+
+QUEUED_PER_ACTOR = 2
+POLL_SECONDS = 1.0
+ACTOR_NAME = "prefixfleet-trainer"
+
+Progress = Callable[[Sequence[Outcome], int], None]  # (finished outcomes, users done in running chunks)
+
+
+def actor_count(users: int, cpus: float, gpus: float) -> int:
+    """As many actors as the cluster's CPUs (or GPUs) hold, never more than there are users."""
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 1) // cpus)] if cpus else []
+    if gpus:
+        fits.append(int(total.get("GPU", 0) // gpus))
+    return max(1, min([*fits, users]))
+
+
+def chunk_size(tasks: int, actors: int, pack_size: int, isolated: bool) -> int:
+    """Isolated: one user per call. Packed: a few packs per call, fewer when the job is small."""
+    if isolated:
+        return 1
+    return max(1, min(4 * pack_size, -(-tasks // actors)))
+
+
+def _short(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
+
+
+class Fleet:
+    """Trainer actors for one job. Use as a context manager: actors are killed on exit."""
+
+    def __init__(self, backbone: str, registry: RegistryConfig, *, actors: int, cpus: float = 1.0,
+                 gpus: float = 0.0, env: dict[str, str] | None = None) -> None:
+        self.backbone, self.registry = backbone, registry
+        token = uuid.uuid4().hex[:8]
+        self.actors = [
+            TrainerActor.options(name=f"{ACTOR_NAME}-{token}-{i}", num_cpus=cpus, num_gpus=gpus,
+                                 runtime_env={"env_vars": env} if env else None)
+            .remote(backbone, registry, "cuda" if gpus else None)
+            for i in range(actors)
+        ]
+        self.alive = set(range(actors))
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+    def fingerprint(self) -> str:
+        """The backbone fingerprint, after every actor has loaded it."""
+        try:
+            prints = set(ray.get([a.fingerprint.remote() for a in self.actors]))
+        except RayError as exc:
+            raise JobError(f"trainer actors could not load the backbone: {_short(exc)}") from exc
+        if len(prints) != 1:
+            raise JobError("trainer actors loaded different backbones from the same id; pin a revision or a path")
+        return prints.pop()
+
+    def check_unchanged(self) -> None:
+        """Invariant 6: every live actor's backbone weights are still the ones it loaded."""
+        if not all(ray.get([self.actors[i].unchanged.remote() for i in self.alive])):
+            raise JobError("the backbone's weights changed during the job")
+
+    def run(self, chunks: Sequence[list[UserTask]], context: JobContext, progress: Progress) -> list[Outcome]:
+        """Train every chunk; one outcome per task."""
+        waiting = deque(chunks)
+        running: dict[ray.ObjectRef, tuple[int, list[UserTask]]] = {}
+        queued = [0] * len(self.actors)
+        outcomes: list[Outcome] = []
+        while waiting or running:
+            while waiting and (free := [i for i in self.alive if queued[i] < QUEUED_PER_ACTOR]):
+                index = min(free, key=queued.__getitem__)
+                chunk = waiting.popleft()
+                running[self.actors[index].train.remote(chunk, context)] = (index, chunk)
+                queued[index] += 1
+            if not self.alive:
+                outcomes += [failed(t, "no trainer actor is left") for chunk in waiting for t in chunk]
+                waiting.clear()
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS) if running else ([], [])
+            for ref in ready:
+                index, chunk = running.pop(ref)
+                queued[index] -= 1
+                outcomes += self._collect(ref, index, chunk)
+            progress(outcomes, self._in_progress({i for i, _ in running.values()}))
+        return outcomes
+
+    def _collect(self, ref: ray.ObjectRef, index: int, chunk: list[UserTask]) -> list[Outcome]:
+        try:
+            return ray.get(ref)
+        except RayActorError as exc:
+            self.alive.discard(index)
+            return [failed(t, f"trainer actor died and was not restarted: {_short(exc)}") for t in chunk]
+        except RayError as exc:
+            return [failed(t, f"chunk failed: {_short(exc)}") for t in chunk]
+
+    def _in_progress(self, busy: set[int]) -> int:
+        """Users finished inside chunks still running (actors that do not answer at once count 0)."""
+        refs = [self.actors[i].status.remote() for i in busy]
+        if not refs:
+            return 0
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
+        done = 0
+        for ref in ready:
+            try:
+                done += ray.get(ref)["chunk_done"]
+            except RayError:
+                pass
+        return done

@@ -1,0 +1,55 @@
+"""Job progress on stderr: a live bar on a terminal, a log line every few seconds otherwise."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipelines.actors import Outcome
+
+log = logging.getLogger("prefixfleet")
+LOG_EVERY_S = 5.0
+
+
+def _eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class JobProgress:
+    """Users done / skipped / failed, users per second and ETA for `total` users to train."""
+
+    def __init__(self, total: int, skipped: int, *, live: bool | None = None) -> None:
+        self.total, self.skipped = total, skipped
+        console = Console(stderr=True)
+        self.live = console.is_terminal if live is None else live
+        self.started = self.last_log = time.monotonic()
+        self.bar = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("skipped {task.fields[skipped]} · failed {task.fields[failed]} · {task.fields[rate]} users/s"),
+            TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not self.live,
+        )
+        self.task = self.bar.add_task("training", total=total, skipped=skipped, failed=0, rate="0.0")
+
+    def __enter__(self) -> JobProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def __call__(self, outcomes: Sequence[Outcome], running_done: int) -> None:
+        failed = sum(o.status == "failed" for o in outcomes)
+        done = min(self.total, len(outcomes) + running_done)
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        rate = done / elapsed
+        self.bar.update(self.task, completed=done, failed=failed, rate=f"{rate:.1f}")
+        now = time.monotonic()
+        if not self.live and (now - self.last_log >= LOG_EVERY_S or len(outcomes) == self.total):
+            self.last_log = now
+            eta = _eta((self.total - done) / rate) if rate > 0 else "?"
+            log.info("trained %d/%d users · skipped %d · failed %d · %.2f users/s · ETA %s",
+                     done, self.total, self.skipped, failed, rate, eta)

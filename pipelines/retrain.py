@@ -1,0 +1,43 @@
+"""Nightly retraining plan: only users whose data changed since their production prefix (and users
+never promoted), warm-started from production with production's spec."""
+from __future__ import annotations
+
+from pipelines.data import TrainingData, UserData
+from pipelines.plan import Failure, Plan, Skip, UserTask, build_plan, task_for
+from registry import NotFound, Registry, UserKey, VersionRef
+from workers.errors import WorkerError
+from workers.spec import PrefixSpec
+
+
+def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, backbone_fingerprint: str) -> Plan:
+    """`spec` applies to users without a production prefix; the others keep production's spec."""
+    def decide(user: UserData, fingerprint: str) -> UserTask | Skip | Failure:
+        key = UserKey(user.namespace, user.user_id)
+        registry.invalidate(key)  # plan on what production is now, not on a cached resolution
+        try:
+            production: VersionRef | None = registry.resolve(key, "production")
+        except NotFound:
+            production = None
+        if production is not None and production.backbone_fingerprint == backbone_fingerprint \
+                and production.data_fingerprint == fingerprint:
+            return Skip(key.namespace, key.user_id, f"data unchanged since production version {production.version}",
+                        production.version)
+        if production is None:
+            user_spec, warm, reason = spec, None, "no production prefix yet"
+        else:
+            try:
+                user_spec = PrefixSpec.from_dict(production.spec)
+            except WorkerError as exc:
+                return Failure(key.namespace, key.user_id, f"production version {production.version}: {exc}")
+            if production.backbone_fingerprint == backbone_fingerprint:
+                warm, reason = production.version, f"data changed since production version {production.version}"
+            else:
+                warm, reason = None, f"production version {production.version} was trained on another backbone"
+        found = registry.find(key, data_fingerprint=fingerprint, spec=user_spec.to_json(),
+                              backbone_fingerprint=backbone_fingerprint)
+        if found is not None:
+            return Skip(key.namespace, key.user_id, f"already trained on this data as version {found.version}",
+                        found.version)
+        return task_for(user, fingerprint, user_spec, warm_start=warm, reason=reason)
+
+    return build_plan(data, decide, registry.max_workers)
