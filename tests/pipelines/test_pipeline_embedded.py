@@ -1,0 +1,72 @@
+"""`prefixfleet train` and `demo` on the embedded defaults (sqlite MLflow + file:// store under
+--home) and local Ray: counts, the JSON summary, the MLflow job run, re-runs publishing nothing,
+and bad rows refused with file and line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer.main
+from click.testing import CliRunner, Result
+from mlflow import MlflowClient
+
+from pipelines.cli import app
+from registry import Registry, UserKey
+from tests.pipelines.pipeline_support import STEPS, ensure_ray, synthetic, tiny_backbone, write_jsonl
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
+    ensure_ray()
+    return tiny_backbone(tmp_path_factory.mktemp("backbone"))
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(typer.main.get_command(app), list(args))
+
+
+def test_train_then_rerun_publishes_nothing(backbone: str, local_env: dict[str, str], tmp_path: Path) -> None:
+    rows = synthetic(3)
+    data = write_jsonl(tmp_path / "data.jsonl", [*rows[:5], {"user_id": "x", "text": ""}, *rows[5:]])
+    args = ["train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actor-cpus", "0.5"]
+
+    refused = cli(*args)
+    assert refused.exit_code == 2
+    assert f"bad row {data}:6: `text` is empty" in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: 1 bad row(s)")
+
+    first = cli(*args, "--skip-bad-rows", "--mode", "isolated", "--json")
+    assert first.exit_code == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["rows"] == {"read": len(rows) + 1, "skipped": 1, "used": len(rows)}
+    assert summary["users"] == {"read": 3, "trained": 3, "skipped": 0, "failed": 0, "promoted": 3}
+    registry = Registry.from_env()
+    for user in summary["per_user"]:
+        assert user["eval_loss"] < user["baseline_eval_loss"] and user["promoted"]
+        ref = registry.resolve(UserKey("default", user["user_id"]), "production")
+        assert (ref.version, ref.sha256, ref.run_id) == (user["version"], user["sha256"], summary["job_id"])
+
+    run = MlflowClient(registry.tracking_uri).get_run(summary["job_id"])
+    assert run.data.params["mode"] == "isolated" and run.data.metrics["users_trained"] == 3
+    artifacts = {a.path for a in MlflowClient(registry.tracking_uri).list_artifacts(summary["job_id"])}
+    assert {"per_user.json", "loss_curves.png", "summary.json"} <= artifacts
+
+    again = cli(*args, "--skip-bad-rows", "--json")
+    assert again.exit_code == 0, again.stderr
+    rerun = json.loads(again.stdout)
+    assert rerun["users"]["trained"] == 0 and rerun["users"]["skipped"] == 3 and rerun["per_user"] == []
+    for user in summary["per_user"]:
+        assert len(registry.history(UserKey("default", user["user_id"]))) == 1
+
+
+def test_demo_own_prefix_is_lowest(local_env: dict[str, str]) -> None:
+    ensure_ray()
+    result = cli("demo", "--users", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["own_lowest"] and report["job"]["users"]["trained"] == 3
+    for row in report["users"]:
+        assert row["loss_own_prefix"] < row["loss_other_prefix"] and row["loss_own_prefix"] < row["loss_no_prefix"]
