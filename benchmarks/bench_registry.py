@@ -268,8 +268,8 @@ def main() -> None:
         s3_srv.wait()
         bucket = servers.create_bucket(s3_srv.url, "bench")
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_srv.url  # MLflow's own S3 repository
-        print(f"mlflow server {mlflow_srv.url}, S3 {s3_srv.url}; {os.cpu_count()} CPUs; "
-              f"prefix {len(artifact('x')) // 1024} KiB", flush=True)
+        print(f"mlflow server {mlflow_srv.url}, S3 {s3_srv.url}; {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f}; prefix {len(artifact('x')) // 1024} KiB", flush=True)
         vanilla = Vanilla(mlflow_srv.url, bucket, root)
         reg = Registry(mlflow_srv.url, f"s3://{bucket}/ours", s3_endpoint_url=s3_srv.url, model_prefix="pf")
         rows: list[Row] = []
@@ -285,6 +285,7 @@ def main() -> None:
         print(f"\nregistered {args.users} more users by the fast path in {seconds:.1f}s ({total} in all)", flush=True)
         rows += lookup_phase(vanilla, reg, keys, args.lookups, f" at {total // 1000}k users")
         print_table(rows)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
         reg.close()
     finally:
         mlflow_srv.stop()

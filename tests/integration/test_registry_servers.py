@@ -11,7 +11,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 
-from registry import Registry, UserKey
+from registry import Registry, RegistryError, UserKey
 from tests.fixtures.artifacts import make_artifact
 
 pytestmark = pytest.mark.servers
@@ -46,3 +46,9 @@ def test_mlflow_and_s3_clients_see_one_model_per_user_with_tagged_versions(make_
     bucket, _, prefix = ref.uri.removeprefix("s3://").partition("/")
     body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=prefix)["Body"].read()
     assert body == reg.fetch(key)
+
+
+def test_a_server_with_a_file_store_is_refused_with_the_fix(mlflow_server_uri, tmp_path):
+    with Registry(mlflow_server_uri, tmp_path.as_uri(), model_prefix="tfile") as reg:
+        with pytest.raises(RegistryError, match="set PREFIXFLEET_STORE to s3://"):
+            reg.publish(UserKey("default", "x"), make_artifact("default", "x"))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +189,14 @@ def test_warm_fetches_are_served_from_memory(registry, monkeypatch):
 def test_configuration_errors_are_registry_errors(tmp_path):
     with pytest.raises(RegistryError, match="unsupported MLflow tracking URI"):
         Registry("file:///tmp/mlruns", tmp_path.as_uri())
+
+
+def test_from_env_defaults_to_sqlite_and_files_under_the_home(local_env):
+    home = Path(local_env["PREFIXFLEET_HOME"])
+    with Registry.from_env() as reg:
+        assert (reg.tracking_uri, reg.store_uri) == (f"sqlite:///{home}/mlflow.db", (home / "store").as_uri())
+        reg.publish(ALICE, make_artifact("default", "alice"))
+    with sqlite3.connect(home / "mlflow.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # concurrent writers
+    with Registry.from_env(home) as explicit:
+        assert [k for k, _ in explicit.store.list()] == [ALICE.object_key(explicit.resolve(ALICE, "candidate").sha256)]
