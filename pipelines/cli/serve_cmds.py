@@ -49,12 +49,13 @@ def serve(
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each with its own backbone.")] = 1,
     device: Annotated[Optional[str], typer.Option(help="torch device for the backbone (cpu, cuda, …).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option(help="A batch closes after this long without a new request…")] = 5.0,
+    max_delay_ms: Annotated[float, typer.Option(help="… or this long after its first request.")] = 25.0,
     home: HomeOption = None,
 ) -> None:
     """HTTP: POST /v1/generate {"user_id", "namespace"?, "prompt", "max_new_tokens"?}; GET /openapi.json, /healthz."""
     name = _served_backbone(backbone, home)
-    config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_delay_ms=max_delay_ms)
     registry = open_registry(home)
     if use_ray:
         _serve_on_ray(name, registry, config, host, port, address, replicas, device)
@@ -103,7 +104,7 @@ def generate(
         recorded = read_meta(registry.fetch(key)).backbone
         if not (backbone or recorded):
             fail(f"the prefix of {key} records no backbone; pass --backbone ID_OR_PATH")
-        service = PrefixService(_load(backbone or recorded), registry, ServeConfig(max_batch_size=1, max_wait_ms=0))
+        service = PrefixService(_load(backbone or recorded), registry, ServeConfig(max_batch_size=1, max_wait_ms=0, max_delay_ms=0))
         try:
             request = GenerateRequest(user_id=user, namespace=namespace, prompt=prompt, max_new_tokens=max_new_tokens)
             response = asyncio.run(service.generate(request))

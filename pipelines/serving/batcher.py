@@ -1,11 +1,15 @@
 """Dynamic batching across users: requests for different users share one forward pass.
 
-One worker thread collects requests for up to `max_wait_ms` after the first arrives (or until
-`max_batch_size` are waiting), groups them by prefix layout and generation parameters, and runs
-one `generate_ids` call per group, each row with its own user's prefix. Requests that arrive
-while a batch runs wait in the queue and form the next one. A thread, not an asyncio task, so one
-batcher serves the FastAPI event loop, a Ray Serve replica and plain threads alike: `submit`
-returns a concurrent Future (`asyncio.wrap_future` awaits it).
+One worker thread collects requests while they keep coming: a batch closes when no request has
+arrived for `max_wait_ms`, when `max_delay_ms` have passed since its first request, or at
+`max_batch_size` requests; while it holds fewer requests than the previous batch, only the delay
+closes it (clients answered together tend to come back together, and a batch started half full
+splits them into cohorts that stay apart). The collected requests are grouped by prefix layout
+and generation parameters, and each group runs as one `generate_ids` call, each row with its own
+user's prefix. Requests that arrive while a batch runs wait in the queue and form the next one.
+
+A thread, not an asyncio task, so one batcher serves the FastAPI event loop, a Ray Serve replica
+and plain threads alike: `submit` returns a concurrent Future (`asyncio.wrap_future` awaits it).
 """
 from __future__ import annotations
 
@@ -55,12 +59,15 @@ _STOP = object()
 class Batcher:
     """Owns one worker thread; `close()` stops it after the requests already queued."""
 
-    def __init__(self, backbone: Backbone, *, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
-        if max_batch_size < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_size must be ≥ 1 and max_wait_ms ≥ 0")
-        self.backbone, self.max_batch_size, self.max_wait = backbone, max_batch_size, max_wait_ms / 1000
+    def __init__(self, backbone: Backbone, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_delay_ms: float = 25.0) -> None:
+        if max_batch_size < 1 or not 0 <= max_wait_ms <= max_delay_ms:
+            raise ValueError("max_batch_size must be ≥ 1 and 0 ≤ max_wait_ms ≤ max_delay_ms")
+        self.backbone, self.max_batch_size = backbone, max_batch_size
+        self.max_wait, self.max_delay = max_wait_ms / 1000, max_delay_ms / 1000
         self._queue: queue.Queue[_Request | object] = queue.Queue()
         self._closed = False
+        self._last_size = 0
         self._closing = threading.Lock()
         self.batches = 0
         self._thread = threading.Thread(target=self._loop, name="prefix-batcher", daemon=True)
@@ -95,19 +102,23 @@ class Batcher:
                 return
 
     def _collect(self) -> tuple[list[_Request], bool]:
-        """Block for the first request, then gather more until the wait or the size runs out."""
+        """Block for the first request, then gather more until a quiet gap, the delay or the size."""
         first = self._queue.get()
         if first is _STOP:
             return [], True
-        batch, deadline = [first], time.monotonic() + self.max_wait
+        batch, deadline = [first], time.monotonic() + self.max_delay
         while len(batch) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            # Fewer than last time: the clients answered together are likely on their way back.
+            wait = left if len(batch) < self._last_size else min(self.max_wait, left)
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
                 return batch, True
             batch.append(item)
+        self._last_size = len(batch)
         return batch, False
 
     def _generate(self, rows: list[_Request], params: GenerationParams) -> None:

@@ -19,12 +19,14 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Cache bounds (bytes per tier) and batching (rows per forward pass, collection window)."""
+    """Cache bounds (bytes per tier) and batching (rows per forward pass; a batch closes after a
+    quiet gap of `max_wait_ms` or `max_delay_ms` after its first request)."""
 
     device_bytes: int = 512 << 20
     host_bytes: int = 1 << 30
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    max_delay_ms: float = 25.0
 
 
 class PrefixService:
@@ -33,7 +35,8 @@ class PrefixService:
     def __init__(self, backbone: Backbone, registry: Registry, config: ServeConfig = ServeConfig()) -> None:
         self.backbone, self.registry, self.config = backbone, registry, config
         self.cache = PrefixCache(registry, backbone, device_bytes=config.device_bytes, host_bytes=config.host_bytes)
-        self.batcher = Batcher(backbone, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms)
+        self.batcher = Batcher(backbone, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
+                               max_delay_ms=config.max_delay_ms)
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Raises registry.NotFound (unknown user), BackboneMismatch, InvalidUserKey or BadRequest."""

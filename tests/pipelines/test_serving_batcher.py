@@ -2,6 +2,9 @@
 share one (prefix layout, generation parameters), and keeps a bad row from failing its neighbours."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from pipelines.serving import batcher as batcher_module
@@ -44,7 +47,7 @@ def served(user: str, tensors: PrefixTensors, tokens: int = SPEC.num_virtual_tok
 
 def test_different_users_share_one_forward_pass(backbone, forward_passes):
     prefixes = [served(f"u{i}", random_prefix(backbone, i)) for i in range(len(PROMPTS))]
-    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500)
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500, max_delay_ms=2000)
     try:
         futures = [batcher.submit(p, q, GREEDY) for p, q in zip(prefixes, PROMPTS)]
         results = [f.result(timeout=60) for f in futures]
@@ -58,7 +61,7 @@ def test_different_users_share_one_forward_pass(backbone, forward_passes):
 
 def test_layouts_and_parameters_that_differ_run_apart(backbone, forward_passes):
     short = SPEC.with_(num_virtual_tokens=3)
-    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500)
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500, max_delay_ms=2000)
     try:
         futures = [
             batcher.submit(served("a", random_prefix(backbone, 1)), PROMPTS[0], GREEDY),
@@ -75,7 +78,7 @@ def test_layouts_and_parameters_that_differ_run_apart(backbone, forward_passes):
 
 
 def test_max_batch_size_caps_a_forward_pass(backbone, forward_passes):
-    batcher = Batcher(backbone, max_batch_size=2, max_wait_ms=500)
+    batcher = Batcher(backbone, max_batch_size=2, max_wait_ms=500, max_delay_ms=2000)
     try:
         futures = [batcher.submit(served(f"u{i}", random_prefix(backbone, i)), PROMPTS[i], GREEDY) for i in range(4)]
         [f.result(timeout=60) for f in futures]
@@ -84,8 +87,39 @@ def test_max_batch_size_caps_a_forward_pass(backbone, forward_passes):
     assert forward_passes == [2, 2]
 
 
+def test_after_a_batch_of_n_the_next_waits_for_n_again(backbone, monkeypatch):
+    """Clients answered together come back together: after a pass of 3 rows the batcher waits (up to
+    max_delay_ms) for 3 again, where the quiet gap alone would have closed the batch."""
+    passes: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def held(backbone, prefixes, prompts, **kwargs):
+        passes.append(len(prompts))
+        entered.set()
+        release.wait(timeout=60)
+        return generate_ids(backbone, prefixes, prompts, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "generate_ids", held)
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=1, max_delay_ms=3000)
+    prefix = served("u", random_prefix(backbone, 1))
+    try:
+        first = batcher.submit(prefix, PROMPTS[0], GREEDY)
+        assert entered.wait(timeout=60)
+        queued = [batcher.submit(prefix, p, GREEDY) for p in PROMPTS[1:]]  # 3 wait behind the first pass
+        release.set()
+        [f.result(timeout=60) for f in [first, *queued]]
+        late = [batcher.submit(prefix, PROMPTS[0], GREEDY)]
+        time.sleep(0.3)  # far beyond the 1 ms quiet gap, well within the 3 s delay
+        late += [batcher.submit(prefix, p, GREEDY) for p in PROMPTS[1:3]]
+        [f.result(timeout=60) for f in late]
+    finally:
+        release.set()
+        batcher.close()
+    assert passes == [1, 3, 3]
+
+
 def test_a_bad_row_fails_alone(backbone):
-    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500)
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500, max_delay_ms=2000)
     try:
         good = batcher.submit(served("good", random_prefix(backbone, 1)), PROMPTS[0], GREEDY)
         bad = batcher.submit(served("bad", random_prefix(backbone, 2)), "", GREEDY)  # tokenizes to nothing
@@ -97,7 +131,7 @@ def test_a_bad_row_fails_alone(backbone):
 
 
 def test_close_finishes_queued_requests_then_refuses_new_ones(backbone):
-    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=50)
+    batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=50, max_delay_ms=50)
     queued = batcher.submit(served("a", random_prefix(backbone, 1)), PROMPTS[0], GREEDY)
     batcher.close()
     assert queued.result(timeout=0).token_ids
