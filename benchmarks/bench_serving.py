@@ -1,0 +1,242 @@
+"""Serving speed: many concurrent users, each with their own prefix, on one tiny backbone.
+
+Every user runs a closed loop (send a request, wait for the answer, send the next). Systems, in one run:
+
+  PEFT user by user   one PeftModel, one PrefixTuning adapter per user (written by
+                      workers.peft_interop.export_peft from the same prefixes), a single worker
+                      serving requests in arrival order: set_adapter(user), generate. In-process.
+  ours, no batching   our service with max_batch_size=1 (what cross-user batching is worth).
+  ours, in-process    our service: cache + cross-user dynamic batcher, called directly.
+  ours, HTTP          the same service behind the in-process uvicorn server, over loopback HTTP
+                      from clients in another process.
+
+Reports generated tokens/s, p50/p99 request latency, rows per forward pass and the ratio to PEFT,
+and checks that every system produced the same text for the same (user, prompt). Clients are threads
+(of the benchmark process, except for HTTP).
+
+    python benchmarks/bench_serving.py [--users 32] [--requests 4] [--max-new-tokens 32]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import httpx
+import torch
+from peft import PeftModel
+
+from pipelines.serving import GenerateRequest, InProcessServer, PrefixService, ServeConfig, create_app
+from registry import Registry, UserKey
+from workers.artifact import ArtifactMeta, serialize
+from workers.backbone import Backbone, load_backbone
+from workers.peft_interop import export_peft
+from workers.prefix import PrefixTensors, expected_shapes
+from workers.spec import PrefixSpec
+from workers.synthetic import user_id, user_rows
+from workers.tiny import build_backbone
+
+SPEC = PrefixSpec(method="prefix", num_virtual_tokens=8)
+
+# (user index, request index) -> (generated text, generated tokens)
+Answer = Callable[[int, int], tuple[str, int]]
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    latencies: list[float]
+    outputs: dict[tuple[int, int], tuple[str, int]]
+    rows_per_pass: float = 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(tokens for _, tokens in self.outputs.values()) / self.seconds
+
+    def latency_ms(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def closed_loop(name: str, answer: Answer, users: int, requests: int) -> Run:
+    """`users` clients at once, each sending `requests` requests one after another."""
+    latencies: list[float] = []
+    outputs: dict[tuple[int, int], tuple[str, int]] = {}
+    lock = threading.Lock()
+
+    def client(u: int) -> None:
+        for r in range(requests):
+            start = time.perf_counter()
+            out = answer(u, r)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                outputs[(u, r)] = out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(users) as pool:
+        list(pool.map(client, range(users)))
+    return Run(name, time.perf_counter() - start, latencies, outputs)
+
+
+def peft_server(backbone_dir: str, adapters: dict[int, Path], prompts: dict[tuple[int, int], str],
+                max_new_tokens: int) -> tuple[Answer, Callable[[], None]]:
+    """One worker serving requests in arrival order, one at a time, switching adapters per request."""
+    base = load_backbone(backbone_dir)
+    model = PeftModel.from_pretrained(base.model, str(adapters[0]), adapter_name="u0")
+    for u, path in adapters.items():
+        if u:
+            model.load_adapter(str(path), adapter_name=f"u{u}")
+    model.eval()
+    tok, worker = base.tokenizer, ThreadPoolExecutor(1)
+
+    @torch.no_grad()
+    def serve_one(u: int, r: int) -> tuple[str, int]:
+        model.set_adapter(f"u{u}")
+        enc = tok(prompts[(u, r)], return_tensors="pt", add_special_tokens=False)
+        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        ids = out[0, enc.input_ids.shape[1]:].tolist()
+        ids = ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+        return tok.decode(ids, skip_special_tokens=True), len(ids)
+
+    return (lambda u, r: worker.submit(serve_one, u, r).result()), worker.shutdown
+
+
+def service_client(service: PrefixService, prompts: dict[tuple[int, int], str],
+                   max_new_tokens: int) -> tuple[Answer, Callable[[], None]]:
+    """Requests handed to one event loop on its own thread, as a server would run them."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def answer(u: int, r: int) -> tuple[str, int]:
+        request = GenerateRequest(user_id=user_id(u), prompt=prompts[(u, r)], max_new_tokens=max_new_tokens)
+        response = asyncio.run_coroutine_threadsafe(service.generate(request), loop).result()
+        return response.text, response.tokens
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+    return answer, stop
+
+
+def http_client(url: str, users: int, prompts: dict[tuple[int, int], str], max_new_tokens: int) -> tuple[Answer, Callable[[], None]]:
+    http = httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=users))
+
+    def answer(u: int, r: int) -> tuple[str, int]:
+        response = http.post("/v1/generate", json={"user_id": user_id(u), "prompt": prompts[(u, r)],
+                                                   "max_new_tokens": max_new_tokens})
+        response.raise_for_status()
+        body = response.json()
+        return body["text"], body["tokens"]
+    return answer, http.close
+
+
+def http_load(name: str, url: str, users: int, requests: int, prompts: dict[tuple[int, int], str],
+              max_new_tokens: int) -> Run:
+    """The HTTP closed loop, run in a separate process so that clients do not share the server's GIL."""
+    answer, stop = http_client(url, users, prompts, max_new_tokens)
+    try:
+        return closed_loop(name, answer, users, requests)
+    finally:
+        stop()
+
+
+def publish(registry: Registry, backbone: Backbone, users: int, adapters_dir: Path) -> dict[int, Path]:
+    """A random prefix per user, published as production, and the same prefix as a PEFT adapter."""
+    adapters = {}
+    for u in range(users):
+        generator = torch.Generator().manual_seed(u)
+        tensors: PrefixTensors = {k: torch.randn(s, generator=generator) * 0.5
+                                  for k, s in expected_shapes(backbone, SPEC).items()}
+        key = UserKey("default", user_id(u))
+        meta = ArtifactMeta(key.namespace, key.user_id, SPEC, backbone.fingerprint, f"bench:{u}",
+                            backbone=backbone.name_or_path)
+        ref = registry.publish(key, serialize(tensors, meta))
+        registry.promote(key, ref.version)
+        adapters[u] = export_peft(backbone, tensors, SPEC, adapters_dir / user_id(u))
+    return adapters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=4, help="requests per user, one after another")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="batch closes after this quiet gap…")
+    parser.add_argument("--max-delay-ms", type=float, default=25.0, help="… or this long after its first request")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for every system (small models run best on one)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    backbone_dir = str(build_backbone(root / "backbone", "gpt2", hidden=args.hidden, layers=args.layers))
+    backbone = load_backbone(backbone_dir)
+    registry = Registry(f"sqlite:///{root / 'mlflow.db'}", (root / "store").as_uri())
+    adapters = publish(registry, backbone, args.users, root / "adapters")
+    prompts = {(u, r): user_rows(u, r + 1)[r]["prompt"] for u in range(args.users) for r in range(args.requests)}
+    print(f"backbone: tiny GPT-2 hidden={args.hidden} layers={args.layers}, CPU threads={torch.get_num_threads()}; "
+          f"{args.users} users x {args.requests} requests, {args.max_new_tokens} new tokens max, "
+          f"prefix {SPEC.method} of {SPEC.num_virtual_tokens} tokens")
+
+    def measure(name: str, answer: Answer, service: PrefixService | None = None,
+                load: Callable[[], Run] | None = None) -> Run:
+        closed_loop("warm-up", answer, args.users, 1)
+        before = service.batcher.batches if service else 0
+        run = load() if load else closed_loop(name, answer, args.users, args.requests)
+        if service:
+            run.rows_per_pass = args.users * args.requests / (service.batcher.batches - before)
+        return run
+
+    def service(batch: int) -> PrefixService:
+        return PrefixService(backbone, registry, ServeConfig(max_batch_size=batch, max_wait_ms=args.max_wait_ms,
+                                                                max_delay_ms=args.max_delay_ms))
+
+    runs: list[Run] = []
+    answer, stop = peft_server(backbone_dir, adapters, prompts, args.max_new_tokens)
+    runs.append(measure("PEFT user by user", answer))
+    stop()
+    for name, batch in (("ours, no batching", 1), ("ours, in-process", args.users)):
+        served = service(batch)
+        answer, stop = service_client(served, prompts, args.max_new_tokens)
+        runs.append(measure(name, answer, served))
+        stop()
+        served.close()
+    served = service(args.users)
+    with InProcessServer(create_app(served), port=0) as url:
+        answer, stop = http_client(url, args.users, prompts, args.max_new_tokens)
+        with mp.get_context("spawn").Pool(1) as clients:
+            load = partial(clients.apply, http_load, ("ours, HTTP", url, args.users, args.requests, prompts,
+                                                      args.max_new_tokens))
+            runs.append(measure("ours, HTTP", answer, served, load))
+        stop()
+    served.close()
+    registry.close()
+
+    peft = runs[0]
+    print("\n| system | tokens/s | p50 latency (ms) | p99 latency (ms) | rows per pass | vs PEFT | same text as PEFT |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        same = sum(run.outputs[k][0] == peft.outputs[k][0] for k in peft.outputs)
+        print(f"| {run.name} | {run.tokens_per_s:,.0f} | {run.latency_ms(0.5):,.0f} | {run.latency_ms(0.99):,.0f} "
+              f"| {run.rows_per_pass:.1f} | {run.tokens_per_s / peft.tokens_per_s:.1f}x | {same}/{len(peft.outputs)} |")
+    print(f"\nmean tokens per request: {statistics.mean(t for _, t in peft.outputs.values()):.1f}")
+
+
+if __name__ == "__main__":
+    main()
