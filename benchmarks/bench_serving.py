@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import threading
@@ -192,7 +193,7 @@ def main() -> None:
     prompts = {(u, r): user_rows(u, r + 1)[r]["prompt"] for u in range(args.users) for r in range(args.requests)}
     print(f"backbone: tiny GPT-2 hidden={args.hidden} layers={args.layers}, CPU threads={torch.get_num_threads()}; "
           f"{args.users} users x {args.requests} requests, {args.max_new_tokens} new tokens max, "
-          f"prefix {SPEC.method} of {SPEC.num_virtual_tokens} tokens")
+          f"prefix {SPEC.method} of {SPEC.num_virtual_tokens} tokens; load average {os.getloadavg()[0]:.1f}")
 
     def measure(name: str, answer: Answer, service: PrefixService | None = None,
                 load: Callable[[], Run] | None = None) -> Run:
@@ -235,7 +236,7 @@ def main() -> None:
         same = sum(run.outputs[k][0] == peft.outputs[k][0] for k in peft.outputs)
         print(f"| {run.name} | {run.tokens_per_s:,.0f} | {run.latency_ms(0.5):,.0f} | {run.latency_ms(0.99):,.0f} "
               f"| {run.rows_per_pass:.1f} | {run.tokens_per_s / peft.tokens_per_s:.1f}x | {same}/{len(peft.outputs)} |")
-    print(f"\nmean tokens per request: {statistics.mean(t for _, t in peft.outputs.values()):.1f}")
+    print(f"\nload average {os.getloadavg()[0]:.1f}; mean tokens per request: {statistics.mean(t for _, t in peft.outputs.values()):.1f}")
 
 
 if __name__ == "__main__":
