@@ -129,8 +129,8 @@ class UserTrainer:
                               start=self._warm_start(task))
                 production[task.label] = self._production_loss(task, job)
                 jobs.append(job)
-            except (RegistryError, WorkerError) as exc:
-                outcomes[task.label] = failed(task, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
+                outcomes[task.label] = failed(task, _reason(exc))
                 self._done()
         by_label = {task.label: task for task in tasks}
 
@@ -186,8 +186,8 @@ class UserTrainer:
             return Outcome(task.namespace, task.user_id, "trained", ref.version, ref.sha256, result.eval_loss,
                            result.baseline_eval_loss, production_loss, verdict.promote, verdict.reason,
                            result.loss_curve)
-        except (RegistryError, WorkerError) as exc:
-            return failed(task, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
+            return failed(task, _reason(exc))
         finally:
             self._done()
 
@@ -202,6 +202,11 @@ class UserTrainer:
             self.registry.promote(ref.key, ref.version)
         return Outcome(ref.namespace, ref.user_id, "trained", ref.version, ref.sha256, m.get("eval_loss"),
                        m.get("baseline_eval_loss"), m.get("production_eval_loss"), verdict.promote, verdict.reason)
+
+
+def _reason(exc: Exception) -> str:
+    """Our own errors read as they are; anything else also names its type."""
+    return str(exc) if isinstance(exc, (RegistryError, WorkerError)) else f"{type(exc).__name__}: {exc}"
 
 
 def _resolved(item: Outcome | Future[Outcome]) -> Outcome:

@@ -115,6 +115,9 @@ def backbone_id(backbone: str) -> str:
 def start_fleet(request: JobRequest, registry: Registry, users: int) -> Fleet:
     """Connect to Ray and start the job's trainer actors (as many as fit, at most one per user)."""
     local = connect_ray(request.address)
+    if not local and not registry.tracking_uri.startswith(("http://", "https://")):
+        log.warning("the registry (%s) is on this machine: trainer actors on other nodes cannot reach it; "
+                    "set MLFLOW_TRACKING_URI and PREFIXFLEET_STORE to shared servers", registry.tracking_uri)
     count = request.actors or actor_count(max(1, users), request.actor_cpus, request.actor_gpus)
     return Fleet(backbone_id(request.backbone), RegistryConfig.of(registry), actors=count, cpus=request.actor_cpus,
                  gpus=request.actor_gpus, env=actor_env(local))

@@ -59,7 +59,12 @@ class Plan:
     failed: list[Failure] = field(default_factory=list)
 
     def add(self, item: UserTask | Skip | Failure) -> None:
-        {UserTask: self.tasks, Skip: self.skipped, Failure: self.failed}[type(item)].append(item)
+        if isinstance(item, UserTask):
+            self.tasks.append(item)
+        elif isinstance(item, Skip):
+            self.skipped.append(item)
+        else:
+            self.failed.append(item)
 
 
 Decide = Callable[[UserData, str], "UserTask | Skip | Failure"]

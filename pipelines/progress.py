@@ -27,6 +27,7 @@ class JobProgress:
         console = Console(stderr=True)
         self.live = console.is_terminal if live is None else live
         self.started = self.last_log = time.monotonic()
+        self.logged_done = -1
         self.bar = Progress(
             TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
             TextColumn("skipped {task.fields[skipped]} · failed {task.fields[failed]} · {task.fields[rate]} users/s"),
@@ -48,8 +49,9 @@ class JobProgress:
         rate = done / elapsed
         self.bar.update(self.task, completed=done, failed=failed, rate=f"{rate:.1f}")
         now = time.monotonic()
-        if not self.live and (now - self.last_log >= LOG_EVERY_S or len(outcomes) == self.total):
-            self.last_log = now
+        finished = done == self.total and done != self.logged_done
+        if not self.live and (now - self.last_log >= LOG_EVERY_S or finished):
+            self.last_log, self.logged_done = now, done
             eta = _eta((self.total - done) / rate) if rate > 0 else "?"
-            log.info("trained %d/%d users · skipped %d · failed %d · %.2f users/s · ETA %s",
+            log.info("%d/%d users done · skipped %d · failed %d · %.2f users/s · ETA %s",
                      done, self.total, self.skipped, failed, rate, eta)

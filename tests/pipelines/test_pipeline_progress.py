@@ -1,0 +1,18 @@
+"""Job progress off a terminal: log lines with users done / skipped / failed, rate and ETA."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipelines.actors import Outcome
+from pipelines.progress import JobProgress
+
+
+def test_plain_progress_logs_counts_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:
+    done = [Outcome("ns", "a", "trained"), Outcome("ns", "b", "failed", reason="x")]
+    with caplog.at_level(logging.INFO, logger="prefixfleet"), JobProgress(3, 4, live=False) as progress:
+        progress(done[:1], 0)
+        progress(done, 1)
+    line = caplog.messages[-1]
+    assert line.startswith("3/3 users done · skipped 4 · failed 1 ·") and "users/s · ETA 0s" in line
