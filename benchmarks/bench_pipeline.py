@@ -100,7 +100,11 @@ def peft_loop(backbone: str, users: list[int], examples: int, config: TrainConfi
 
 def naive_user(backbone: str, registry: RegistryConfig, task: UserTask, context: JobContext) -> str:
     """The naive way: this task loads the backbone, trains one user alone and publishes it."""
-    outcome, = UserTrainer(backbone, registry).train([task], context)
+    trainer = UserTrainer(backbone, registry)
+    try:
+        outcome, = trainer.train([task], context)
+    finally:
+        trainer.close()
     return outcome.status
 
 

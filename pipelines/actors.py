@@ -43,7 +43,7 @@ class RegistryConfig:
 
     @classmethod
     def of(cls, registry: Registry) -> RegistryConfig:
-        return cls(registry.tracking_uri, registry.store_uri, registry.prefix, os.environ.get("AWS_ENDPOINT_URL"))
+        return cls(registry.tracking_uri, registry.store_uri, registry.prefix, registry.s3_endpoint_url)
 
     def open(self) -> Registry:
         return Registry(self.tracking_uri, self.store_uri, model_prefix=self.model_prefix,
@@ -100,6 +100,11 @@ class UserTrainer:
 
     def fingerprint(self) -> str:
         return self.backbone.fingerprint
+
+    def close(self) -> None:
+        """Wait for publishes in flight and release the registry (actors just end instead)."""
+        self.publisher.shutdown(wait=True)
+        self.registry.close()
 
     def unchanged(self) -> bool:
         """Invariant 6: the backbone's weights are bit-identical to when they were loaded."""

@@ -33,11 +33,19 @@ def actor_count(users: int, cpus: float, gpus: float) -> int:
     return max(1, min([*fits, users]))
 
 
-def chunk_size(tasks: int, actors: int, pack_size: int, isolated: bool) -> int:
-    """Isolated: one user per call. Packed: a few packs per call, fewer when the job is small."""
+def split(tasks: Sequence[UserTask], actors: int, pack_size: int, isolated: bool) -> list[list[UserTask]]:
+    """Chunks of users, one actor call each. Isolated: one user per call. Packed: guided
+    scheduling — a few packs per call while much is left, smaller calls towards the end so all
+    actors finish together — and never fewer chunks than actors while users are left."""
     if isolated:
-        return 1
-    return max(1, min(4 * pack_size, -(-tasks // actors)))
+        return [[task] for task in tasks]
+    chunks, start = [], 0
+    while start < len(tasks):
+        left = len(tasks) - start
+        size = min(4 * pack_size, max(min(pack_size, -(-left // actors)), -(-left // (2 * actors))))
+        chunks.append(list(tasks[start:start + size]))
+        start += size
+    return chunks
 
 
 def _short(exc: BaseException) -> str:

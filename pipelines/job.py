@@ -12,8 +12,8 @@ from pipelines.actors import JobContext, Outcome, RegistryConfig
 from pipelines.config import actor_env, connect_ray
 from pipelines.data import DataError, TrainingData, read_data
 from pipelines.errors import JobError
-from pipelines.fleet import Fleet, actor_count, chunk_size
-from pipelines.plan import Plan, chunked, plan_train
+from pipelines.fleet import Fleet, actor_count, split
+from pipelines.plan import Plan, plan_train
 from pipelines.progress import JobProgress
 from pipelines.retrain import plan_retrain
 from pipelines.tracking import JobRun
@@ -157,7 +157,7 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
     })
     try:
         context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size)
-        chunks = chunked(plan.tasks, chunk_size(len(plan.tasks), len(fleet.actors), pack_size, isolated))
+        chunks = split(plan.tasks, len(fleet.actors), pack_size, isolated)
         with JobProgress(len(plan.tasks), len(plan.skipped), live=request.progress) as progress:
             outcomes = fleet.run(chunks, context, progress)
         fleet.check_unchanged()

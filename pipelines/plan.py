@@ -2,7 +2,7 @@
 published is skipped, so running the same job twice publishes nothing the second time."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,7 +103,3 @@ def plan_train(data: TrainingData, registry: Registry, spec: PrefixSpec, backbon
         return task_for(user, fingerprint, spec)
 
     return build_plan(data, decide, registry.max_workers)
-
-
-def chunked(tasks: Sequence[UserTask], size: int) -> list[list[UserTask]]:
-    return [list(tasks[i:i + size]) for i in range(0, len(tasks), max(1, size))]

@@ -121,9 +121,9 @@ def _trainer_status() -> dict | None:
 def test_actor_killed_mid_chunk_publishes_every_user_once(backbone: str, server_env: dict[str, str],
                                                           tmp_path: Path) -> None:
     registry = Registry.from_env()
-    rows = synthetic(6)
+    rows = synthetic(8)  # one actor, packs of 2: the first chunk is 4 users
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    request = JobRequest(str(data), backbone, config=TrainConfig(steps=30), pack_size=2, actors=1,
+    request = JobRequest(str(data), backbone, config=TrainConfig(steps=40), pack_size=2, actors=1,
                          actor_cpus=0.5, progress=False)
     result: dict[str, JobSummary] = {}
     job = threading.Thread(target=lambda: result.setdefault("summary", run_job(request, registry, tmp_path)))
@@ -134,12 +134,12 @@ def test_actor_killed_mid_chunk_publishes_every_user_once(backbone: str, server_
         status = _trainer_status()
         if status and 2 <= status["chunk_done"] < status["chunk_size"]:
             killed = status["pid"]
-            os.kill(killed, signal.SIGKILL)  # users 1–2 are published, the rest of the chunk is not
+            os.kill(killed, signal.SIGKILL)  # the chunk's first pack is published, its second is not
         time.sleep(0.05)
     job.join(timeout=300)
     assert killed is not None, "the chunk never reached the point to kill it"
     summary = result["summary"]
-    assert summary.users["trained"] == 6 and summary.users["failed"] == 0
+    assert summary.users["trained"] == 8 and summary.users["failed"] == 0
     for user in sorted({r["user_id"] for r in rows}):
         history = registry.history(UserKey("default", user))
         assert len(history) == 1 and history[0].run_id == summary.job_id
