@@ -15,8 +15,9 @@ def _with_prefix_columns(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
 
 
-def logits(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> torch.Tensor:
-    """Logits aligned with `batch.labels`'s positions: `[B, T, V]` (prefix positions removed)."""
+def _model_inputs(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> tuple[dict, torch.Tensor | None, int]:
+    """Keyword arguments for the model, the encoder prefix rows, and how many leading output
+    positions belong to a soft prompt."""
     model, family = backbone.model, backbone.family
     kwargs: dict = {"attention_mask": batch.attention_mask, "use_cache": False}
     if family.encoder_decoder:
@@ -37,11 +38,16 @@ def logits(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> torc
         kwargs["past_key_values"] = prefix_cache(family, decoder)
         mask_key = "decoder_attention_mask" if family.encoder_decoder else "attention_mask"
         kwargs[mask_key] = _with_prefix_columns(kwargs[mask_key], decoder.shape[-2])
-        encoder_rows = rows.get("encoder")
-        if encoder_rows is not None:
-            encoder_rows = encoder_rows.to(model.dtype)
+        if rows.get("encoder") is not None:
+            encoder_rows = rows["encoder"].to(model.dtype)
+    return kwargs, encoder_rows, prompt_length
+
+
+def logits(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> torch.Tensor:
+    """Logits aligned with `batch.labels`'s positions: `[B, T, V]` (prefix positions removed)."""
+    kwargs, encoder_rows, prompt_length = _model_inputs(backbone, batch, rows)
     with encoder_prefix(encoder_rows):
-        out = model(**kwargs).logits
+        out = backbone.model(**kwargs).logits
     return out[:, prompt_length:]
 
 
@@ -49,11 +55,20 @@ def row_losses(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> 
     """Per-row summed token cross-entropy `[B]` and per-row count of loss tokens `[B]`.
 
     Rows never mix: callers normalize per user, so no user's loss scale reaches another's.
+    Decoder-only models score only the positions that carry a label: the vocabulary projection,
+    often the largest matmul of the model, is skipped for prompt and padding positions.
     """
-    scores = logits(backbone, batch, rows).float()
     labels = batch.labels
-    if not backbone.family.encoder_decoder:  # next-token prediction
-        scores, labels = scores[:, :-1], labels[:, 1:]
-    token = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1),
-                            ignore_index=IGNORE, reduction="none").view(labels.shape)
-    return token.sum(dim=1), (labels != IGNORE).sum(dim=1)
+    if backbone.family.encoder_decoder:
+        scores = logits(backbone, batch, rows).float()
+        token = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1),
+                                ignore_index=IGNORE, reduction="none").view(labels.shape)
+        return token.sum(dim=1), (labels != IGNORE).sum(dim=1)
+    kwargs, _, prompt_length = _model_inputs(backbone, batch, rows)
+    hidden = backbone.model.base_model(**kwargs).last_hidden_state[:, prompt_length:]
+    targets = labels[:, 1:]  # next-token prediction
+    keep = targets != IGNORE
+    scores = backbone.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    token = F.cross_entropy(scores, targets[keep], reduction="none")
+    owner = keep.nonzero()[:, 0]
+    return token.new_zeros(labels.shape[0]).index_add(0, owner, token), keep.sum(dim=1)
