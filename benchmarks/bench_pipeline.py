@@ -127,7 +127,7 @@ def run_naive(backbone: str, registry: Registry, users: list[int], examples: int
 def in_processes(fn: Callable[..., float], calls: list[tuple]) -> float:
     """Run `fn(*call)` for each call in its own fresh process, all at once; the longest time."""
     with ProcessPoolExecutor(len(calls), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return max(pool.map(fn, *zip(*calls)))
+        return max(pool.map(fn, *zip(*calls, strict=True)))
 
 
 def main() -> None:
@@ -194,7 +194,8 @@ def main() -> None:
     print(f"{'method':44} {'users':>6} {'seconds':>8} {'users/min':>10} {'x naive':>8}")
     for name, (users, seconds) in results.items():
         print(f"{name:44} {users:6d} {seconds:8.1f} {rate[name]:10.1f} {rate[name] / naive:8.1f}")
-    print(f"\nours (cold) vs naive max_calls=1: {rate['ours, cold (job starts its actors)'] / naive:.1f}x (goal >= 10x)")
+    cold = rate["ours, cold (job starts its actors)"]
+    print(f"\nours (cold) vs naive max_calls=1: {cold / naive:.1f}x (goal >= 10x)")
     print(f"Ray + registry overhead vs pure compute: {pure / ours - 1:+.1%} (goal <= 15%)")
     if args.json:
         args.json.write_text(json.dumps({"rates": rate, "results": results, "actors": actors}, indent=2))

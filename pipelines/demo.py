@@ -98,7 +98,8 @@ def run_demo(users: int, home: Path, registry: Registry, *, progress: bool | Non
     rows = []
     for position, index in enumerate(picks):
         other = picks[(position + 1) % len(picks)]
-        examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in user_rows(index, EXAMPLES_PER_USER)]
+        records = user_rows(index, EXAMPLES_PER_USER)
+        examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in records]
         _, evals = prepare(backbone, UserJob(user_id(index), examples, spec, config))
         none, own, foreign = (evaluate(backbone, [(tensors, evals)])[0]
                               for tensors in (None, prefixes[index], prefixes[other]))

@@ -89,7 +89,7 @@ class JobSummary:
 
     def describe(self) -> str:
         u = self.users
-        return (f"read {self.data.rows_read} rows ({len(self.data.bad_rows)} bad, skipped) for {u['read']} users; "
+        return (f"read {self.data.rows_read} rows for {u['read']} users ({len(self.data.bad_rows)} bad rows skipped); "
                 f"trained {u['trained']}, skipped {u['skipped']}, failed {u['failed']}; promoted {u['promoted']}")
 
 

@@ -28,10 +28,12 @@ TokensOpt = Annotated[int, typer.Option("--virtual-tokens", help="Prefix length.
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps per user.")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: per method).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per user per step.")]
-ModeOpt = Annotated[str, typer.Option("--mode", help="packed: many users share each batch; isolated: one user per call.")]
+ModeOpt = Annotated[str, typer.Option(
+    "--mode", help="packed: many users share each batch; isolated: one user per call.")]
 PackOpt = Annotated[int, typer.Option("--pack-size", help="Users trained together in one batch (packed mode).")]
 SkipOpt = Annotated[bool, typer.Option("--skip-bad-rows", help="Report bad rows and train on the rest.")]
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray).")]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray).")]
 ActorsOpt = Annotated[Optional[int], typer.Option("--actors", help="Trainer actors (default: as many as fit).")]
 CpusOpt = Annotated[float, typer.Option("--actor-cpus", help="CPUs per trainer actor.")]
 GpusOpt = Annotated[float, typer.Option("--actor-gpus", help="GPUs per trainer actor; fractions share a GPU.")]
