@@ -122,15 +122,19 @@ def retrain(
     _report(_run(request, home, as_json), as_json)
 
 
-def _demo_table(report: DemoReport) -> Table:
-    table = Table(title="eval loss on each user's held-out examples (lower is better)")
-    for column in ("user", "style", "no prefix", "own prefix", "another user's prefix", "generated with own prefix"):
-        table.add_column(column)
+def _demo_tables(report: DemoReport) -> tuple[Table, Table]:
+    losses = Table(title="eval loss on each user's held-out examples (lower is better)")
+    for column in ("user", "style", "no prefix", "own prefix", "another user's prefix", "whose"):
+        losses.add_column(column, justify="right" if "prefix" in column else "left")
+    texts = Table(title="generated with the user's own prefix (a tiny random backbone: style fragments)")
+    for column in ("user", "prompt", "expected", "generated"):
+        texts.add_column(column)
     for r in report.rows:
         mark = "[green]" if r.own_lowest else "[red]"
-        table.add_row(r.user_id, r.style, f"{r.loss_no_prefix:.3f}", f"{mark}{r.loss_own_prefix:.3f}",
-                      f"{r.loss_other_prefix:.3f} ({r.other_user})", f"{r.prompt!r} → {r.generated!r}")
-    return table
+        losses.add_row(r.user_id, r.style, f"{r.loss_no_prefix:.3f}", f"{mark}{r.loss_own_prefix:.3f}",
+                       f"{r.loss_other_prefix:.3f}", r.other_user)
+        texts.add_row(r.user_id, r.prompt, r.expected, r.generated)
+    return losses, texts
 
 
 @app.command()
@@ -151,7 +155,8 @@ def demo(
     if as_json:
         emit(report.to_json(), True, "")
     else:
-        Console().print(_demo_table(report))
+        for table in _demo_tables(report):
+            Console().print(table)
     if not report.own_lowest:
         fail(f"own-prefix loss is not clearly the lowest (below {MARGIN:.0%} of the others) for every user shown")
     if not as_json:
