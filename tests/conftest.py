@@ -42,7 +42,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Launch the servers now, without waiting, so they boot while the first tests run."""
     launched: dict[str, servers.ServerProcess] = {}
     session.config.stash[_LAUNCHED] = launched
-    if any(_needs_servers(item) for item in session.items):
+    if not session.config.option.collectonly and any(_needs_servers(item) for item in session.items):
         root = Path(tempfile.mkdtemp(prefix="prefixfleet-servers-"))
         launched["mlflow"] = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True,
                                                           template_db=_template_path(session.config))
