@@ -188,7 +188,7 @@ def test_warm_fetches_are_served_from_memory(registry, monkeypatch):
 
 def test_configuration_errors_are_registry_errors(tmp_path):
     with pytest.raises(RegistryError, match="unsupported MLflow tracking URI"):
-        Registry("file:///tmp/mlruns", tmp_path.as_uri())
+        Registry("file:///nowhere/mlruns", tmp_path.as_uri())
 
 
 def test_from_env_defaults_to_sqlite_and_files_under_the_home(local_env):
