@@ -1,33 +1,15 @@
 """Registry commands: `get`, `history`, `promote`, `rollback`, `forget`, `fsck`."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
-from registry import IntegrityError, Registry, RegistryError
+from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
 
 UserArgument = Annotated[str, typer.Argument(help="The user (or task) id.")]
-
-
-@contextmanager
-def _session(home: Path | None) -> Iterator[Registry]:
-    """An open registry; registry errors end the command with a one-line reason
-    (exit 1, or 3 when stored bytes fail verification)."""
-    registry = open_registry(home)
-    try:
-        yield registry
-    except IntegrityError as exc:
-        fail(str(exc), code=3)
-    except (RegistryError, ValueError) as exc:
-        fail(str(exc))
-    finally:
-        registry.close()
 
 
 @app.command()
@@ -42,7 +24,7 @@ def get(
 ) -> None:
     """Resolve a user's prefix; with --out, write its verified bytes."""
     key = user_key(namespace, user)
-    with _session(home) as registry:
+    with registry_session(home) as registry:
         ref = registry.resolve(key, alias, version=version)
         payload = ref.to_json()
         if out is not None:
@@ -57,7 +39,7 @@ def history(user: UserArgument, namespace: NamespaceOption = "default", home: Ho
             as_json: JsonOption = False) -> None:
     """Every version of a user's prefix, newest first."""
     key = user_key(namespace, user)
-    with _session(home) as registry:
+    with registry_session(home) as registry:
         refs = registry.history(key)
     lines = [f"v{r.version}\t{','.join(r.aliases) or '-'}\t{r.created_at}\t{r.sha256[:12]}\t"
              + " ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())) for r in refs]
@@ -75,7 +57,7 @@ def promote(
 ) -> None:
     """Point an alias (default production) at a version."""
     key = user_key(namespace, user)
-    with _session(home) as registry:
+    with registry_session(home) as registry:
         ref = registry.promote(key, version, alias)
     emit(ref.to_json(), as_json, f"{namespace}/{user}: {alias} -> version {ref.version}")
 
@@ -85,7 +67,7 @@ def rollback(user: UserArgument, namespace: NamespaceOption = "default", home: H
              as_json: JsonOption = False) -> None:
     """Move production back to the previous production version."""
     key = user_key(namespace, user)
-    with _session(home) as registry:
+    with registry_session(home) as registry:
         ref = registry.rollback(key)
     emit(ref.to_json(), as_json, f"{namespace}/{user}: production -> version {ref.version}")
 
@@ -95,7 +77,7 @@ def forget(user: UserArgument, namespace: NamespaceOption = "default", home: Hom
            as_json: JsonOption = False) -> None:
     """Erase every version, alias and artifact of a user; print a receipt."""
     key = user_key(namespace, user)
-    with _session(home) as registry:
+    with registry_session(home) as registry:
         receipt = registry.forget(key)
     text = (f"forgot {namespace}/{user}: {len(receipt.versions)} versions, "
             f"{len(receipt.aliases)} aliases, {len(receipt.objects)} artifacts")
@@ -110,7 +92,7 @@ def fsck(
 ) -> None:
     """Find (and with --repair fix) orphans, missing artifacts, hash mismatches and dangling aliases.
     Exits 1 while faults remain."""
-    with _session(home) as registry:
+    with registry_session(home) as registry:
         report = registry.fsck(repair=repair)
     lines = [f"{f.kind}\t{f.location}\t{f.detail}" + ("\t(repaired)" if f.repaired else "") for f in report.faults]
     summary = (f"{report.users} users, {report.versions} versions, {report.objects} artifacts, "
