@@ -5,6 +5,7 @@ every row, so a row's greedy output equals generating for that user alone."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -96,19 +97,7 @@ def _through_eos(row: list[int], eos: set[int]) -> list[int]:
     return row
 
 
-def generate(
-    backbone: Backbone,
-    prefixes: Sequence[PrefixTensors | None],
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> list[str]:
-    """`generate_ids`, decoded: the text continuing each prompt."""
-    ids = generate_ids(backbone, prefixes, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       temperature=temperature, top_p=top_p, seed=seed)
-    return backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)
-
+def generate(backbone: Backbone, prefixes: Sequence[PrefixTensors | None], prompts: Sequence[str],
+             **options: Any) -> list[str]:
+    """`generate_ids` (same options), decoded: the text continuing each prompt."""
+    return backbone.tokenizer.batch_decode(generate_ids(backbone, prefixes, prompts, **options), skip_special_tokens=True)
