@@ -23,7 +23,7 @@ from workers.backbone import Backbone
 from workers.data import Encoded, Example, collate, encode, holdout, token_budget
 from workers.errors import WorkerError
 from workers.forward import row_losses
-from workers.prefix import PrefixTensors, UserPrefix, stack_rows
+from workers.prefix import PrefixTensors, UserPrefix, check_shapes, expected_shapes, stack_rows
 from workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ def prepare(backbone: Backbone, job: UserJob) -> tuple[list[Encoded], list[Encod
         train, evals = list(job.examples), list(job.eval_examples)
     else:
         train, evals = holdout(job.examples, job.config.eval_fraction)
+    if job.start is not None:
+        try:
+            check_shapes(job.start, expected_shapes(backbone, job.spec))
+        except WorkerError as exc:
+            raise WorkerError(f"user {job.user!r}: warm start does not fit: {exc}") from exc
     limit = token_budget(backbone, job.config.max_length, job.spec.num_virtual_tokens)
     return encode(backbone, train, user=job.user, limit=limit), encode(backbone, evals, user=job.user, limit=limit)
 

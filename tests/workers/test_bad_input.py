@@ -98,3 +98,13 @@ def test_one_bad_user_in_a_batch_does_not_stop_the_others(backbones):
     jobs = [UserJob("ok", examples_for(0, 8), config=TrainConfig(steps=2)), UserJob("empty", [])]
     results = train_users(backbones["gpt2"], jobs)
     assert results[0].ok and not results[1].ok and "empty" in results[1].error
+
+
+def test_a_warm_start_of_the_wrong_shape_fails_its_user_alone(backbones):
+    spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=4)
+    wrong = {"decoder": torch.zeros(1, 2, 3, 4, 5)}
+    jobs = [UserJob("ok", examples_for(0, 8), spec, TrainConfig(steps=2)),
+            UserJob("warm", examples_for(1, 8), spec, TrainConfig(steps=2), start=wrong)]
+    results = train_users(backbones["gpt2"], jobs)
+    assert results[0].ok and not results[1].ok
+    assert "user 'warm': warm start does not fit" in results[1].error
