@@ -127,7 +127,7 @@ def _t5_encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     if rows is None:
         return None
     keys, values = rows[:, module.layer_idx, 0], rows[:, module.layer_idx, 1]
-    kwargs["past_key_values"] = _EncoderPrefix(keys, values)
+    kwargs["cache"] = _EncoderPrefix(keys, values)
     mask = kwargs.get("mask")
     if mask is not None:  # additive float mask or boolean "may attend" mask: the prefix is visible
         visible = True if mask.dtype == torch.bool else 0.0
@@ -184,8 +184,8 @@ def text_activations(family: Family, model: nn.Module, token_ids: torch.Tensor) 
         out["encoder"] = torch.stack(
             [torch.stack([captured[(i, "k")][0], captured[(i, "v")][0]]) for i in range(layers)]
         )
-        cache = result.past_key_values.self_attention_cache
+        cache = result.cache.self_attention_cache
     else:
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = model(input_ids=ids, use_cache=True).cache
     out["decoder"] = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
     return out

@@ -9,15 +9,11 @@ from typing import Any
 
 import torch
 
-from workers.architectures import encoder_prefix, prefix_cache
 from workers.backbone import Backbone
 from workers.data import pad_rows
 from workers.errors import WorkerError
 from workers.prefix import PrefixTensors, stack_rows
-
-
-def _ones_before(mask: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+from workers.wiring import prefixed_call
 
 
 @torch.no_grad()
@@ -54,32 +50,20 @@ def generate_ids(
     if (mask.sum(1) == 0).any():
         raise WorkerError("a prompt tokenizes to nothing")
     input_ids, mask = input_ids.to(device), mask.to(device)
-    kwargs: dict = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
+        options.update(temperature=temperature, top_p=top_p)
     rows = None if prefixes[0] is None else stack_rows(
-        [{k: v.to(device, model.dtype) for k, v in p.items()} for p in prefixes], list(range(len(prefixes)))
-    )
-    encoder_rows = None
-    if rows is not None and "prompt" in rows:
-        embeds = torch.cat([rows["prompt"], model.get_input_embeddings()(input_ids)], 1)
-        kwargs.update(inputs_embeds=embeds, attention_mask=_ones_before(mask, rows["prompt"].shape[1]))
-    else:
-        kwargs.update(input_ids=input_ids, attention_mask=mask)
-    if rows is not None and "decoder" in rows:
-        length = rows["decoder"].shape[-2]
-        kwargs["past_key_values"] = prefix_cache(family, rows["decoder"])
-        if family.encoder_decoder:
-            start = torch.full((len(prompts), 1), backbone.config.decoder_start_token_id, device=device)
-            kwargs.update(decoder_input_ids=start, decoder_attention_mask=torch.ones(len(prompts), length + 1, dtype=torch.long, device=device))
-        else:
-            kwargs["attention_mask"] = _ones_before(mask, length)
-        encoder_rows = rows.get("encoder")
-    with encoder_prefix(encoder_rows):
-        out = model.generate(**kwargs)
+        [{k: v.to(device) for k, v in p.items()} for p in prefixes], list(range(len(prefixes))))
+    start = ones = None
+    if family.encoder_decoder:
+        start = torch.full((len(prompts), 1), backbone.config.decoder_start_token_id, device=device)
+        ones = torch.ones_like(start)
+    call = prefixed_call(backbone, rows, input_ids, mask, start, ones)
+    out = call(model.generate, **options)
     if family.encoder_decoder:  # the decoder start token
         out = out[:, 1:]
-    elif "input_ids" in kwargs:
+    elif "input_ids" in call.kwargs:
         out = out[:, input_ids.shape[1]:]
     return [_through_eos(row, _eos_ids(model)) for row in out.tolist()]
 

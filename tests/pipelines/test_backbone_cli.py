@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from registry import Registry, UserKey
+from tests.fixtures.peft_logits import peft_logits
 from workers.artifact import ArtifactMeta, deserialize, serialize
 from workers.backbone import load_backbone
 from workers.data import Example, collate, data_fingerprint, encode
@@ -50,7 +51,7 @@ def test_export_then_import_round_trips_through_peft(local_env, tmp_path):
     batch = collate(backbone, encode(backbone, examples[:2], user="alice", limit=64))
     with torch.no_grad():
         ours = logits(backbone, batch, {k: v.expand(2, *v.shape) for k, v in trained.tensors.items()})
-        theirs = peft_model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    theirs = peft_logits(peft_model, batch)
     mask = batch.attention_mask.bool()
     assert torch.allclose(ours[mask], theirs[mask], atol=1e-5)
 

@@ -1,6 +1,15 @@
 """Invariant 1, training isolation: a user's prefix is the same whether trained alone or packed
-with other users, and nothing about user B (data, presence, a NaN) reaches user A."""
+with other users, and nothing about user B (data, presence, a NaN) reaches user A.
+
+Stated exactly (README, "Isolation"): every user's loss, gradient, clipping, optimizer state and
+schedule are computed from that user's rows alone, so the only coupling left is floating-point:
+MKL may sum a row's products in another order when the batch has another number of rows. On this
+CPU that leaves 0.0 at 2 torch threads and up to 1.4e-5 at 1 thread after the tests' 6–20 steps;
+the tests hold every thread count to PACKED_ATOL.
+"""
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,6 +20,15 @@ from workers.spec import METHODS, PrefixSpec, TrainConfig
 from workers.trainer import UserJob, train_users
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=4, reparam_hidden=32)
+PACKED_ATOL = 1e-4  # packed vs alone, any thread count (float32, prefix values of order 1)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}-threads")
+def torch_threads(request) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def job(index: int, *, steps: int = 12, examples: list[Example] | None = None, spec: PrefixSpec = SPEC) -> UserJob:
@@ -25,7 +43,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_packed_of_eight_equals_alone(backbones, family, method):
+def test_packed_of_eight_equals_alone(backbones, family, method, torch_threads):
     backbone = backbones[family]
     spec = SPEC.with_(method=method)
     # Different data sizes and step counts: users join and leave the pack as they finish.
@@ -34,11 +52,11 @@ def test_packed_of_eight_equals_alone(backbones, family, method):
     for target in (0, 5):
         alone, = train_users(backbone, [jobs[target]], pack_size=1)
         assert packed[target].steps == alone.steps == jobs[target].config.steps
-        assert max_abs_diff(packed[target].tensors, alone.tensors) <= 1e-6  # 0.0 here: eager kernels allow it
-        assert packed[target].loss_curve == pytest.approx(alone.loss_curve, abs=1e-6)
+        assert max_abs_diff(packed[target].tensors, alone.tensors) <= PACKED_ATOL
+        assert packed[target].loss_curve == pytest.approx(alone.loss_curve, abs=PACKED_ATOL)
 
 
-def test_changing_or_removing_user_b_changes_no_bit_of_user_a(backbones):
+def test_changing_or_removing_user_b_changes_no_bit_of_user_a(backbones, torch_threads):
     backbone = backbones["gpt2"]
     a, b, c = job(0), job(1), job(2)
     reference = train_users(backbone, [a, b, c], pack_size=3)[0]

@@ -5,6 +5,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from tests.fixtures.peft_logits import peft_logits
+from tests.workers.conftest import examples_for
 from workers.backbone import load_backbone
 from workers.data import collate, encode
 from workers.errors import WorkerError
@@ -12,7 +14,6 @@ from workers.forward import logits
 from workers.peft_interop import export_peft, import_peft
 from workers.prefix import UserPrefix
 from workers.spec import PrefixSpec
-from tests.workers.conftest import examples_for
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -29,7 +30,7 @@ def test_peft_export_gives_identical_logits(backbone_dirs, tmp_path, family, met
     batch = collate(ours, encode(ours, examples_for(1, 3), user="u", limit=128))
     with torch.no_grad():
         expected = logits(ours, batch, {k: v.unsqueeze(0).expand(batch.size, *v.shape) for k, v in tensors.items()})
-        got = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    got = peft_logits(peft_model, batch)
     if method == "prompt":
         got = got[:, spec.num_virtual_tokens:]
     mask = batch.attention_mask.bool()
