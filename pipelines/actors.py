@@ -4,7 +4,7 @@ Actors publish their users themselves rather than returning artifacts to the dri
 throughput grows with the number of actors, artifact bytes never cross the cluster twice, and the
 driver stays a light scheduler at millions of users. Publishing runs on a small thread pool so
 registry latency overlaps training. Exactly once: before training a chunk the actor looks each
-user up by (data fingerprint, spec, backbone fingerprint); a chunk retried after a crash finishes
+user up by (data fingerprint, spec, training settings, backbone fingerprint); a chunk retried after a crash finishes
 the users it had already published (including their promotion) instead of training them again,
 and the registry's publish is itself idempotent on that identity.
 """
@@ -30,6 +30,7 @@ from workers.spec import TrainConfig
 from workers.trainer import UserJob, UserResult, evaluate, prepare, train_users
 
 PUBLISH_THREADS = 4
+GATED_AGAINST = "gated_against"  # version tag: the production version a candidate was judged against
 
 
 @dataclass(frozen=True)
@@ -124,15 +125,14 @@ class UserTrainer:
         jobs, production = [], {}
         for task in tasks:
             try:
-                existing = self.registry.find(task.key, data_fingerprint=task.data_fingerprint,
-                                              spec=task.spec.to_json(), backbone_fingerprint=self.fingerprint())
+                existing = self._existing(task, context)
                 if existing is not None:
-                    outcomes[task.label] = self._finish_existing(existing, context)
+                    outcomes[task.label] = self._finish_gate(task, existing, context)
                     self._done()
                     continue
-                job = UserJob(task.label, task.train, task.spec, context.config, task.eval or None,
-                              start=self._warm_start(task))
-                production[task.label] = self._production_loss(task, job)
+                job = self._job(task, context, start=self._warm_start(task))
+                current = self._production(task)
+                production[task.label] = (current, self._production_loss(current, job))
                 jobs.append(job)
             except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
                 outcomes[task.label] = failed(task, _reason(exc))
@@ -141,7 +141,7 @@ class UserTrainer:
 
         def on_result(result: UserResult) -> None:
             outcomes[result.user] = self.publisher.submit(
-                self._publish, by_label[result.user], result, production[result.user], context)
+                self._publish, by_label[result.user], result, *production[result.user], context)
 
         train_users(self.backbone, jobs, pack_size=context.pack_size, on_result=on_result)
         return [_resolved(outcomes[task.label]) for task in tasks]
@@ -149,6 +149,17 @@ class UserTrainer:
     def _done(self) -> None:
         with self.lock:
             self.counts["chunk_done"] += 1
+
+    def _job(self, task: UserTask, context: JobContext, start: PrefixTensors | None = None) -> UserJob:
+        return UserJob(task.label, task.train, task.spec, context.config, task.eval or None, start=start)
+
+    def _existing(self, task: UserTask, context: JobContext) -> VersionRef | None:
+        """The version the plan found for this task, or one this job published before a crash."""
+        if task.existing is not None:
+            return self.registry.resolve(task.key, version=task.existing)
+        return self.registry.find(task.key, data_fingerprint=task.data_fingerprint, spec=task.spec.to_json(),
+                                  backbone_fingerprint=self.fingerprint(),
+                                  settings=context.config.settings_json(task.spec.method))
 
     def _tensors(self, ref: VersionRef) -> PrefixTensors:
         tensors, _ = deserialize(self.registry.fetch_ref(ref), backbone_fingerprint=self.fingerprint())
@@ -159,33 +170,37 @@ class UserTrainer:
             return None
         return self._tensors(self.registry.resolve(task.key, version=task.warm_start))
 
-    def _production_loss(self, task: UserTask, job: UserJob) -> float | None:
-        """Production's eval loss on this job's eval split (None: no production on this backbone)."""
+    def _production(self, task: UserTask) -> VersionRef | None:
+        """Production as it is now (not a cached resolution)."""
         self.registry.invalidate(task.key)
         try:
-            ref = self.registry.resolve(task.key, "production")
+            return self.registry.resolve(task.key, "production")
         except NotFound:
             return None
-        if ref.backbone_fingerprint != self.fingerprint():
+
+    def _production_loss(self, production: VersionRef | None, job: UserJob) -> float | None:
+        """Production's eval loss on this job's eval split (None: no production on this backbone)."""
+        if production is None or production.backbone_fingerprint != self.fingerprint():
             return None
         _, evals = prepare(self.backbone, job)
-        loss, = evaluate(self.backbone, [(self._tensors(ref), evals)])
+        loss, = evaluate(self.backbone, [(self._tensors(production), evals)])
         return loss
 
-    def _publish(self, task: UserTask, result: UserResult, production_loss: float | None,
-                 context: JobContext) -> Outcome:
+    def _publish(self, task: UserTask, result: UserResult, production: VersionRef | None,
+                 production_loss: float | None, context: JobContext) -> Outcome:
         try:
             if not result.ok:
                 return failed(task, result.error or "training failed")
             verdict = judge(result.eval_loss, result.baseline_eval_loss, production_loss)
             meta = ArtifactMeta(task.namespace, task.user_id, task.spec, self.fingerprint(), task.data_fingerprint,
-                                backbone=context.backbone)
+                                backbone=context.backbone, settings=context.config.settings_json(task.spec.method))
             metrics = result.metrics()
             if production_loss is not None:
                 metrics["production_eval_loss"] = production_loss
             ref = self.registry.publish(task.key, serialize(result.tensors, meta), metrics=metrics,
                                         run_id=context.run_id, alias="candidate",
-                                        tags={"job": context.kind, "reason": task.reason})
+                                        tags={"job": context.kind, "reason": task.reason,
+                                              GATED_AGAINST: _version_label(production)})
             if verdict.promote:
                 self.registry.promote(task.key, ref.version)
             return Outcome(task.namespace, task.user_id, "trained", ref.version, ref.sha256, result.eval_loss,
@@ -196,17 +211,38 @@ class UserTrainer:
         finally:
             self._done()
 
-    def _finish_existing(self, ref: VersionRef, context: JobContext) -> Outcome:
-        """A user already published: by this job before a crash (finish its gate), or by another job."""
+    def _finish_gate(self, task: UserTask, ref: VersionRef, context: JobContext) -> Outcome:
+        """A version already trained from this task's data, spec and settings: by this job before a
+        crash, or by an earlier job that may have stopped between publish and promote. Its gate is
+        judged against production as it is now: on the losses recorded at publish while production
+        is the one it was measured against, else on production re-evaluated on this eval split.
+        A version a rollback took production from is not promoted again."""
         m = ref.metrics
-        if ref.run_id != context.run_id:
-            return Outcome(ref.namespace, ref.user_id, "skipped", ref.version, ref.sha256, m.get("eval_loss"),
-                           m.get("baseline_eval_loss"), reason=f"already published as version {ref.version}")
-        verdict = judge(m.get("eval_loss"), m.get("baseline_eval_loss"), m.get("production_eval_loss"))
-        if verdict.promote and "production" not in ref.aliases:
+        mine = ref.run_id == context.run_id
+        outcome = Outcome(ref.namespace, ref.user_id, "trained" if mine else "skipped", ref.version, ref.sha256,
+                          m.get("eval_loss"), m.get("baseline_eval_loss"))
+        production = self._production(task)
+        earlier = f"already published as version {ref.version}"
+        if production is not None and production.version == ref.version:
+            outcome.promoted, outcome.reason = mine, f"{earlier}, in production"
+            return outcome
+        if ref.version in self.registry.rolled_back(task.key):
+            outcome.reason = f"{earlier}; a rollback took production from it, so it stays down"
+            return outcome
+        if ref.tags.get(GATED_AGAINST) == _version_label(production):
+            production_loss = m.get("production_eval_loss")
+        else:
+            production_loss = self._production_loss(production, self._job(task, context))
+        verdict = judge(outcome.eval_loss, outcome.baseline_eval_loss, production_loss)
+        if verdict.promote:
             self.registry.promote(ref.key, ref.version)
-        return Outcome(ref.namespace, ref.user_id, "trained", ref.version, ref.sha256, m.get("eval_loss"),
-                       m.get("baseline_eval_loss"), m.get("production_eval_loss"), verdict.promote, verdict.reason)
+        outcome.production_eval_loss, outcome.promoted = production_loss, verdict.promote
+        outcome.reason = verdict.reason if mine else f"{earlier}; its gate finished now: {verdict.reason}"
+        return outcome
+
+
+def _version_label(ref: VersionRef | None) -> str:
+    return str(ref.version) if ref is not None else "none"
 
 
 def _reason(exc: Exception) -> str:

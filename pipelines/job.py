@@ -15,6 +15,7 @@ from pipelines.errors import JobError
 from pipelines.fleet import Fleet, actor_count, split
 from pipelines.plan import Plan, plan_train
 from pipelines.progress import JobProgress
+from pipelines.published import config_params
 from pipelines.retrain import plan_retrain
 from pipelines.tracking import JobRun
 from registry import Registry
@@ -63,9 +64,9 @@ class JobSummary:
 
     @property
     def per_user(self) -> list[Outcome]:
-        """Trained and failed users (skipped ones are only counted)."""
+        """Trained, failed and promoted users (the other skipped ones are only counted)."""
         planned = [Outcome(f.namespace, f.user_id, "failed", reason=f.reason) for f in self.plan.failed]
-        return [o for o in self.outcomes if o.status != "skipped"] + planned
+        return [o for o in self.outcomes if o.status != "skipped" or o.promoted] + planned
 
     def metrics(self) -> dict[str, float]:
         trained = [o for o in self.outcomes if o.status == "trained" and o.eval_loss is not None]
@@ -147,13 +148,13 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
     isolated = request.mode == "isolated"
     pack_size = 1 if isolated else request.pack_size
     planner = plan_retrain if request.kind == "retrain" else plan_train
-    plan = planner(data, registry, request.spec, fingerprint)
+    plan = planner(data, registry, request.spec, request.config, fingerprint)
     log.info("plan: %d to train, %d skipped, %d failed", len(plan.tasks), len(plan.skipped), len(plan.failed))
     run = JobRun(registry.tracking_uri, home)
     run_id = run.start(request.kind, {
         "data": request.data, "backbone": fleet.backbone, "backbone_fingerprint": fingerprint,
         "mode": request.mode, "pack_size": pack_size, "actors": len(fleet.actors), "namespace": request.namespace,
-        "spec": request.spec.to_json(), **{f"config.{k}": v for k, v in vars(request.config).items()},
+        "spec": request.spec.to_json(), **config_params(request.config),
     })
     try:
         context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size)

@@ -1,5 +1,7 @@
-"""Which users a job trains: a user whose (data fingerprint, spec, backbone fingerprint) is already
-published is skipped, so running the same job twice publishes nothing the second time."""
+"""Which users a job trains: a user already published from this data, spec, training settings and
+backbone is not trained again, so running the same job twice publishes nothing the second time.
+Such a version that never reached production goes to the actors only to finish its gate (its job
+may have stopped between publish and promote)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,16 +9,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipelines.data import TrainingData, UserData
-from registry import Registry, UserKey
+from pipelines.published import PublishedLookup
+from registry import Registry, UserKey, VersionRef
 from registry.errors import RegistryError
+from registry.refs import PRODUCTION
 from workers.data import Example
-from workers.spec import PrefixSpec
+from workers.spec import PrefixSpec, TrainConfig
 
 
 @dataclass(frozen=True)
 class UserTask:
     """One user to train. Empty `eval`: a per-user hold-out is taken. `warm_start`: the version
-    whose prefix training starts from (its spec is `spec`)."""
+    whose prefix training starts from (its spec is `spec`). `existing`: a version already trained
+    from this task's data, spec and settings: its gate is finished instead of training again."""
 
     namespace: str
     user_id: str
@@ -26,6 +31,7 @@ class UserTask:
     spec: PrefixSpec
     warm_start: int | None = None
     reason: str = "new data"
+    existing: int | None = None
 
     @property
     def key(self) -> UserKey:
@@ -76,6 +82,16 @@ def task_for(user: UserData, fingerprint: str, spec: PrefixSpec, *, warm_start: 
                     warm_start, reason)
 
 
+def already_trained(user: UserData, fingerprint: str, spec: PrefixSpec, found: VersionRef) -> UserTask | Skip:
+    """A user whose result is published as `found`: skipped once in production, else its gate is
+    finished by an actor."""
+    if PRODUCTION in found.aliases:
+        return Skip(user.namespace, user.user_id, f"already published as version {found.version} (production)",
+                    found.version)
+    return UserTask(user.namespace, user.user_id, tuple(user.train), tuple(user.eval), fingerprint, spec,
+                    reason=f"finish the gate of version {found.version}", existing=found.version)
+
+
 def build_plan(data: TrainingData, decide: Decide, threads: int = 16) -> Plan:
     """Apply `decide(user, data fingerprint)` to every user (registry look-ups run concurrently)."""
     def one(user: UserData) -> UserTask | Skip | Failure:
@@ -93,13 +109,15 @@ def build_plan(data: TrainingData, decide: Decide, threads: int = 16) -> Plan:
     return plan
 
 
-def plan_train(data: TrainingData, registry: Registry, spec: PrefixSpec, backbone_fingerprint: str) -> Plan:
-    """Every user whose data, with this spec on this backbone, is not published yet."""
+def plan_train(data: TrainingData, registry: Registry, spec: PrefixSpec, config: TrainConfig,
+               backbone_fingerprint: str) -> Plan:
+    """Every user whose data, with this spec and these settings on this backbone, is not published yet."""
+    published = PublishedLookup(registry, backbone_fingerprint)
+
     def decide(user: UserData, fingerprint: str) -> UserTask | Skip:
-        found = registry.find(UserKey(user.namespace, user.user_id), data_fingerprint=fingerprint,
-                              spec=spec.to_json(), backbone_fingerprint=backbone_fingerprint)
+        found = published.find(UserKey(user.namespace, user.user_id), fingerprint, spec, config)
         if found is not None:
-            return Skip(user.namespace, user.user_id, f"already published as version {found.version}", found.version)
+            return already_trained(user, fingerprint, spec, found)
         return task_for(user, fingerprint, spec)
 
     return build_plan(data, decide, registry.max_workers)

@@ -3,14 +3,19 @@ never promoted), warm-started from production with production's spec."""
 from __future__ import annotations
 
 from pipelines.data import TrainingData, UserData
-from pipelines.plan import Failure, Plan, Skip, UserTask, build_plan, task_for
+from pipelines.plan import Failure, Plan, Skip, UserTask, already_trained, build_plan, task_for
+from pipelines.published import PublishedLookup
 from registry import NotFound, Registry, UserKey, VersionRef
 from workers.errors import WorkerError
-from workers.spec import PrefixSpec
+from workers.spec import PrefixSpec, TrainConfig
 
 
-def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, backbone_fingerprint: str) -> Plan:
-    """`spec` applies to users without a production prefix; the others keep production's spec."""
+def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, config: TrainConfig,
+                 backbone_fingerprint: str) -> Plan:
+    """`spec` applies to users without a production prefix; the others keep production's spec.
+    Users whose data is unchanged since production are skipped whatever the settings."""
+    published = PublishedLookup(registry, backbone_fingerprint)
+
     def decide(user: UserData, fingerprint: str) -> UserTask | Skip | Failure:
         key = UserKey(user.namespace, user.user_id)
         registry.invalidate(key)  # plan on what production is now, not on a cached resolution
@@ -33,11 +38,9 @@ def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, backb
                 warm, reason = production.version, f"data changed since production version {production.version}"
             else:
                 warm, reason = None, f"production version {production.version} was trained on another backbone"
-        found = registry.find(key, data_fingerprint=fingerprint, spec=user_spec.to_json(),
-                              backbone_fingerprint=backbone_fingerprint)
+        found = published.find(key, fingerprint, user_spec, config)
         if found is not None:
-            return Skip(key.namespace, key.user_id, f"already trained on this data as version {found.version}",
-                        found.version)
+            return already_trained(user, fingerprint, user_spec, found)
         return task_for(user, fingerprint, user_spec, warm_start=warm, reason=reason)
 
     return build_plan(data, decide, registry.max_workers)

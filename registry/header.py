@@ -15,18 +15,23 @@ MAX_HEADER_BYTES = 1 << 24
 _FIELDS = ("namespace", "user_id", "spec", "backbone_fingerprint", "data_fingerprint", "created_at")
 
 
-def canonical_spec(spec: str) -> str:
-    """The spec JSON with sorted keys and no spaces, so equal specs compare equal as text."""
+def canonical_json(text: str) -> str:
+    """JSON (a spec, settings) with sorted keys and no spaces, so equal values compare equal as text."""
     try:
-        return json.dumps(json.loads(spec), sort_keys=True, separators=(",", ":"))
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"spec is not JSON: {exc}") from exc
+        raise ValueError(f"not JSON: {exc}") from exc
 
 
-def identity(data_fingerprint: str, spec: str, backbone_fingerprint: str) -> str:
-    """Hash of what makes two publishes the same training result (invariant 5, exactly once)."""
-    text = json.dumps([data_fingerprint, canonical_spec(spec), backbone_fingerprint])
-    return hashlib.sha256(text.encode()).hexdigest()
+def identity(data_fingerprint: str, spec: str, backbone_fingerprint: str, settings: str = "") -> str:
+    """Hash of what makes two publishes the same training result (invariant 5, exactly once):
+    data, spec, backbone and training settings. Without settings (artifacts written before they
+    were recorded) the hash is the earlier one of data, spec and backbone alone, so those versions
+    keep their identity; a new artifact never shares it."""
+    parts = [data_fingerprint, canonical_json(spec), backbone_fingerprint]
+    if settings:
+        parts.append(canonical_json(settings))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class ArtifactHeader:
     data_fingerprint: str
     created_at: str
     expected_size: int
+    settings: str = ""
 
     @property
     def key(self) -> UserKey:
@@ -47,7 +53,7 @@ class ArtifactHeader:
 
     @property
     def identity(self) -> str:
-        return identity(self.data_fingerprint, self.spec, self.backbone_fingerprint)
+        return identity(self.data_fingerprint, self.spec, self.backbone_fingerprint, self.settings)
 
     def check_binding(self, key: UserKey) -> None:
         """Raise IntegrityError unless the artifact belongs to `key`."""
@@ -78,4 +84,7 @@ def read_header(data: bytes) -> ArtifactHeader:
     expected = 8 + length + max(ends, default=0)
     if len(data) != expected:
         raise IntegrityError(f"artifact is {len(data)} bytes, its header describes {expected}")
-    return ArtifactHeader(*(meta[f] for f in _FIELDS), expected_size=expected)
+    settings = meta.get("settings", "")
+    if not isinstance(settings, str):
+        raise IntegrityError("artifact metadata has non-text settings")
+    return ArtifactHeader(*(meta[f] for f in _FIELDS), expected_size=expected, settings=settings)

@@ -10,18 +10,20 @@ from typing import Any
 
 from registry.catalog import VersionRecord
 from registry.errors import IntegrityError
-from registry.header import ArtifactHeader, canonical_spec
+from registry.header import ArtifactHeader, canonical_json
 from registry.keys import UserKey
 
 TAG = "prefixfleet."
 SHA256, SIZE = TAG + "sha256", TAG + "size_bytes"
 BACKBONE, DATA, SPEC = TAG + "backbone_fingerprint", TAG + "data_fingerprint", TAG + "spec"
 RUN_ID, CREATED_AT = TAG + "run_id", TAG + "created_at"
-IDENTITY = TAG + "identity"  # hash of (data fingerprint, spec, backbone): exactly-once key
+IDENTITY = TAG + "identity"  # hash of (data fingerprint, spec, backbone, settings): exactly-once key
+SETTINGS = TAG + "settings"  # the training settings (absent on versions written before they were recorded)
 ALIAS_REQUEST = TAG + "alias_request"  # the alias its publish asked for
 METRIC, USER_TAG = TAG + "metric.", TAG + "tag."
 MODEL_NAMESPACE, MODEL_USER = TAG + "namespace", TAG + "user_id"
 PRODUCTION_HISTORY = TAG + "production_history"
+ROLLED_BACK = TAG + "rolled_back"  # versions a rollback took production away from
 PRODUCTION = "production"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _ALIAS = re.compile(r"[A-Za-z0-9_-]{1,200}")
@@ -46,8 +48,10 @@ def version_tags(header: ArtifactHeader, sha256: str, size: int, *,
     out = {
         SHA256: sha256, SIZE: str(size),
         BACKBONE: header.backbone_fingerprint, DATA: header.data_fingerprint,
-        SPEC: canonical_spec(header.spec), CREATED_AT: header.created_at, IDENTITY: header.identity,
+        SPEC: canonical_json(header.spec), CREATED_AT: header.created_at, IDENTITY: header.identity,
     }
+    if header.settings:
+        out[SETTINGS] = canonical_json(header.settings)
     if run_id:
         out[RUN_ID] = run_id
     if alias:
@@ -61,9 +65,10 @@ def model_tags(key: UserKey) -> dict[str, str]:
     return {MODEL_NAMESPACE: key.namespace, MODEL_USER: key.user_id}
 
 
-def production_history(tags: dict[str, str]) -> list[int]:
+def version_list(tags: dict[str, str], tag: str = PRODUCTION_HISTORY) -> list[int]:
+    """A model tag holding a JSON list of version numbers ([] when absent or unreadable)."""
     try:
-        return [int(v) for v in json.loads(tags.get(PRODUCTION_HISTORY, "[]"))]
+        return [int(v) for v in json.loads(tags.get(tag, "[]"))]
     except (TypeError, ValueError):
         return []
 
@@ -87,6 +92,7 @@ class VersionRef:
     created_at: str
     tags: dict[str, str] = field(default_factory=dict)
     alias: str | None = None  # the alias this reference was resolved through, if any
+    settings: dict[str, Any] = field(default_factory=dict)  # training settings; {} when not recorded
 
     @property
     def key(self) -> UserKey:
@@ -111,6 +117,7 @@ class VersionRef:
                 {k[len(METRIC):]: float(v) for k, v in t.items() if k.startswith(METRIC)},
                 t.get(RUN_ID), t.get(CREATED_AT, ""),
                 {k[len(USER_TAG):]: v for k, v in t.items() if k.startswith(USER_TAG)}, alias,
+                json.loads(t[SETTINGS]) if SETTINGS in t else {},
             )
         except (KeyError, ValueError) as exc:
             raise IntegrityError(f"version {rec.version} of {key} has unreadable metadata: {exc!r}") from exc

@@ -128,10 +128,13 @@ class Registry:
                 futures.append(future)
         return [f.result() for f in futures]
 
-    def find(self, key: UserKey, *, data_fingerprint: str, spec: str, backbone_fingerprint: str) -> VersionRef | None:
-        """The version already published from this data, spec and backbone, if any."""
+    def find(self, key: UserKey, *, data_fingerprint: str, spec: str, backbone_fingerprint: str,
+             settings: str = "") -> VersionRef | None:
+        """The version already published from this data, spec, backbone and training settings, if
+        any. `settings=""` finds a version whose artifact recorded no settings (written before
+        they joined the identity, or imported)."""
         name = key.model_name(self.prefix)
-        twin = self._oldest_twin(name, identity(data_fingerprint, spec, backbone_fingerprint))
+        twin = self._oldest_twin(name, identity(data_fingerprint, spec, backbone_fingerprint, settings))
         return self._exact_ref(key, name, twin.version) if twin else None
 
     def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:
@@ -240,6 +243,11 @@ class Registry:
             raise self._unknown_user(key)
         return [VersionRef.from_record(key, r, aliases=model.aliases_of(r.version)) for r in self.versions(name)]
 
+    def rolled_back(self, key: UserKey) -> list[int]:
+        """The versions a rollback took production away from, oldest first ([] for an unknown user)."""
+        model = retrying(lambda: self.catalog.get_model(key.model_name(self.prefix)))
+        return refs.version_list(model.tags, refs.ROLLED_BACK) if model else []
+
     def list_users(self, namespace: str) -> Iterator[UserKey]:
         """Users of one namespace in name order, streamed page by page."""
         for key, _ in self.models(check_namespace(namespace)):
@@ -337,23 +345,25 @@ class Registry:
         current = model.aliases.get(refs.PRODUCTION)
         if current is None:
             raise self._not_found(key, name, refs.PRODUCTION)
-        history = refs.production_history(model.tags)
+        history = refs.version_list(model.tags)
         while history and history[-1] == current:
             history.pop()
         while history and self.catalog.get_version(name, history[-1]) is None:
             history.pop()
         if not history:
             raise NotFound(f"no earlier production version for user {key.user_id!r} in namespace {key.namespace!r}")
+        rolled_back = (refs.version_list(model.tags, refs.ROLLED_BACK) + [current])[-100:]
         try:
             retrying(lambda: self.catalog.set_alias(name, refs.PRODUCTION, history[-1]))
             retrying(lambda: self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history)))
+            retrying(lambda: self.catalog.set_model_tag(name, refs.ROLLED_BACK, repr(rolled_back)))
         finally:
             self._resolutions.invalidate(name)
         return self.resolve(key, refs.PRODUCTION)
 
     def _record_production(self, name: str, version: int) -> None:
         model = self.catalog.get_model(name)
-        history = refs.production_history(model.tags if model else {})
+        history = refs.version_list(model.tags if model else {})
         if not history or history[-1] != version:
             history = (history + [version])[-100:]
             retrying(lambda: self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history)))

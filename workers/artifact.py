@@ -29,6 +29,7 @@ class ArtifactMeta:
     data_fingerprint: str
     created_at: str = ""
     backbone: str = ""  # the id or path it was trained from: where `generate` finds it by default
+    settings: str = ""  # TrainConfig.settings_json; "" in artifacts written before settings were recorded
 
     def to_header(self) -> dict[str, str]:
         return {
@@ -36,7 +37,7 @@ class ArtifactMeta:
             "spec": self.spec.to_json(), "backbone_fingerprint": self.backbone_fingerprint,
             "data_fingerprint": self.data_fingerprint,
             "created_at": self.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backbone": self.backbone,
+            "backbone": self.backbone, "settings": self.settings,
         }
 
     @classmethod
@@ -45,7 +46,8 @@ class ArtifactMeta:
             raise BadArtifact(f"not a prefixfleet artifact (format {header.get('format')!r}, expected {FORMAT!r})")
         try:
             return cls(header["namespace"], header["user_id"], PrefixSpec.from_json(header["spec"]),
-                       header["backbone_fingerprint"], header["data_fingerprint"], header["created_at"], header.get("backbone", ""))
+                       header["backbone_fingerprint"], header["data_fingerprint"], header["created_at"],
+                       header.get("backbone", ""), header.get("settings", ""))
         except (KeyError, ValueError) as exc:
             raise BadArtifact(f"artifact metadata is incomplete: {exc}") from exc
 

@@ -100,3 +100,8 @@ class TrainConfig:
 
     def learning_rate(self, method: str) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[method]
+
+    def settings_json(self, method: str) -> str:
+        """Canonical JSON of every setting that changes a trained prefix, the learning rate
+        resolved for `method`. It joins the exactly-once identity: a changed setting trains again."""
+        return json.dumps({**asdict(self), "lr": self.learning_rate(method)}, sort_keys=True, separators=(",", ":"))
