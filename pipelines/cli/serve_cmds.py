@@ -36,7 +36,8 @@ def _served_backbone(backbone: str | None, home: Path | None) -> str:
     local = home_dir(home) / "demo" / "backbone"
     if (local / "config.json").is_file():
         return str(local)
-    fail(f"no backbone to serve: pass --backbone ID_OR_PATH (or set PREFIXFLEET_BACKBONE, or run `prefixfleet demo`, which builds one in {local})")
+    fail("no backbone to serve: pass --backbone ID_OR_PATH (or set PREFIXFLEET_BACKBONE, "
+         f"or run `prefixfleet demo`, which builds one in {local})")
 
 
 @app.command()
@@ -104,7 +105,8 @@ def generate(
         recorded = read_meta(registry.fetch(key)).backbone
         if not (backbone or recorded):
             fail(f"the prefix of {key} records no backbone; pass --backbone ID_OR_PATH")
-        service = PrefixService(_load(backbone or recorded), registry, ServeConfig(max_batch_size=1, max_wait_ms=0, max_delay_ms=0))
+        one_at_a_time = ServeConfig(max_batch_size=1, max_wait_ms=0, max_delay_ms=0)
+        service = PrefixService(_load(backbone or recorded), registry, one_at_a_time)
         try:
             request = GenerateRequest(user_id=user, namespace=namespace, prompt=prompt, max_new_tokens=max_new_tokens)
             response = asyncio.run(service.generate(request))

@@ -60,8 +60,8 @@ def test_storage_size_and_dtypes(backbones, dtype):
 def test_text_init_starts_from_real_token_activations(backbones):
     backbone = backbones["gpt2"]
     spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5, init_text="Dear Ana")
-    from workers.prefix import UserPrefix
     from workers.architectures import text_activations
+    from workers.prefix import UserPrefix
     module = UserPrefix(backbone, spec, torch.Generator().manual_seed(0))
     ids = torch.tensor(backbone.tokenizer("Dear Ana", add_special_tokens=False).input_ids[:5])
     expected = text_activations(backbone.family, backbone.model, ids)["decoder"]
