@@ -7,7 +7,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import ray
+import typer.main
+from click.testing import CliRunner, Result
 
+from pipelines.cli import app
 from pipelines.config import LOCAL_OBJECT_STORE_BYTES
 from workers.synthetic import dataset, user_rows
 from workers.tiny import build_backbone
@@ -21,6 +24,11 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  logging_level=logging.WARNING)
+
+
+def cli(*args: str) -> Result:
+    """`prefixfleet ARGS…` in this process; stdout and stderr kept apart."""
+    return CliRunner().invoke(typer.main.get_command(app), list(args))
 
 
 def tiny_backbone(folder: Path) -> str:

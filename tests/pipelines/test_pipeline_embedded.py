@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-import typer.main
-from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
-from pipelines.cli import app
 from registry import Registry, UserKey
-from tests.pipelines.pipeline_support import STEPS, ensure_ray, synthetic, tiny_backbone, write_jsonl
+from tests.pipelines.pipeline_support import STEPS, cli, ensure_ray, synthetic, tiny_backbone, write_jsonl
 
 pytestmark = pytest.mark.ray
 
@@ -22,10 +19,6 @@ pytestmark = pytest.mark.ray
 def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     ensure_ray()
     return tiny_backbone(tmp_path_factory.mktemp("backbone"))
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(typer.main.get_command(app), list(args))
 
 
 def test_train_then_rerun_publishes_nothing(backbone: str, local_env: dict[str, str], tmp_path: Path) -> None:

@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-import typer.main
-from click.testing import CliRunner, Result
 
-from pipelines.cli import app
 from registry import Registry, UserKey
 from tests.fixtures import legacy
-from tests.pipelines.pipeline_support import STEPS, ensure_ray, synthetic, tiny_backbone, write_jsonl
+from tests.pipelines.pipeline_support import STEPS, cli, ensure_ray, synthetic, tiny_backbone, write_jsonl
 from workers.backbone import load_backbone
 from workers.spec import DEFAULT_LR
 from workers.tiny import build_backbone
@@ -25,10 +22,6 @@ pytestmark = pytest.mark.ray
 def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
     ensure_ray()
     return tiny_backbone(tmp_path_factory.mktemp("backbone"))
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(typer.main.get_command(app), list(args))
 
 
 def train(*args: str) -> dict:
