@@ -31,15 +31,15 @@ from pathlib import Path
 
 import ray
 
-from pipelines.actors import JobContext, RegistryConfig, UserTrainer
-from pipelines.config import actor_env, connect_ray
-from pipelines.job import JobRequest, run_job, start_fleet
-from pipelines.plan import UserTask
-from registry import Registry
-from workers.data import Example, data_fingerprint
-from workers.spec import PrefixSpec, TrainConfig
-from workers.synthetic import dataset, user_id, user_rows
-from workers.tiny import build_backbone
+from prefixfleet.pipelines.actors import JobContext, RegistryConfig, UserTrainer
+from prefixfleet.pipelines.config import actor_env, connect_ray
+from prefixfleet.pipelines.job import JobRequest, run_job, start_fleet
+from prefixfleet.pipelines.plan import UserTask
+from prefixfleet.registry import Registry
+from prefixfleet.workers.data import Example, data_fingerprint
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.synthetic import dataset, user_id, user_rows
+from prefixfleet.workers.tiny import build_backbone
 
 
 def examples_of(index: int, count: int) -> list[Example]:
@@ -50,8 +50,8 @@ def pure_share(backbone: str, users: list[int], examples: int, config: TrainConf
     """Seconds `train_users` takes for `users` in this process (1 thread, as a 1-CPU Ray actor)."""
     import torch
 
-    from workers.backbone import load_backbone
-    from workers.trainer import UserJob, train_users
+    from prefixfleet.workers.backbone import load_backbone
+    from prefixfleet.workers.trainer import UserJob, train_users
 
     torch.set_num_threads(1)
     model = load_backbone(backbone)

@@ -38,8 +38,8 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository  # noqa: E402
 from requests.adapters import HTTPAdapter  # noqa: E402
 
-from registry import PublishRequest, Registry, UserKey  # noqa: E402
-from registry import refs as tags  # noqa: E402
+from prefixfleet.registry import PublishRequest, Registry, UserKey  # noqa: E402
+from prefixfleet.registry import refs as tags  # noqa: E402
 from tests.fixtures import servers  # noqa: E402
 from tests.fixtures.artifacts import make_artifact  # noqa: E402
 

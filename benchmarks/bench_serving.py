@@ -39,16 +39,16 @@ import httpx
 import torch
 from peft import PeftModel
 
-from pipelines.serving import GenerateRequest, InProcessServer, PrefixService, ServeConfig, create_app
-from registry import Registry, UserKey
-from workers.artifact import ArtifactMeta, serialize
-from workers.backbone import Backbone, load_backbone
-from workers.generate import generate_ids
-from workers.peft_interop import export_peft
-from workers.prefix import PrefixTensors, expected_shapes
-from workers.spec import PrefixSpec
-from workers.synthetic import user_id, user_rows
-from workers.tiny import build_backbone
+from prefixfleet.pipelines.serving import GenerateRequest, InProcessServer, PrefixService, ServeConfig, create_app
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.workers.artifact import ArtifactMeta, serialize
+from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.generate import generate_ids
+from prefixfleet.workers.peft_interop import export_peft
+from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
+from prefixfleet.workers.spec import PrefixSpec
+from prefixfleet.workers.synthetic import user_id, user_rows
+from prefixfleet.workers.tiny import build_backbone
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=8)
 

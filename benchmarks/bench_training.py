@@ -19,12 +19,12 @@ import torch
 from peft import PrefixTuningConfig, get_peft_model
 from torch.nn import functional as F
 
-from workers.backbone import load_backbone
-from workers.data import Example, collate, encode, holdout
-from workers.spec import PrefixSpec, TrainConfig
-from workers.synthetic import user_rows
-from workers.tiny import build_backbone
-from workers.trainer import UserJob, train_users
+from prefixfleet.workers.backbone import load_backbone
+from prefixfleet.workers.data import Example, collate, encode, holdout
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.synthetic import user_rows
+from prefixfleet.workers.tiny import build_backbone
+from prefixfleet.workers.trainer import UserJob, train_users
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=8, reparam_hidden=512)
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import ray
 
-from pipelines.gate import judge
-from pipelines.plan import UserTask
-from registry import NotFound, Registry, VersionRef
-from registry.errors import RegistryError
-from workers.artifact import ArtifactMeta, deserialize, serialize
-from workers.backbone import load_backbone, weights_checksum
-from workers.errors import WorkerError
-from workers.prefix import PrefixTensors
-from workers.spec import TrainConfig
-from workers.trainer import UserJob, UserResult, evaluate, prepare, train_users
+from prefixfleet.pipelines.gate import judge
+from prefixfleet.pipelines.plan import UserTask
+from prefixfleet.registry import NotFound, Registry, VersionRef
+from prefixfleet.registry.errors import RegistryError
+from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
+from prefixfleet.workers.backbone import load_backbone, weights_checksum
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.prefix import PrefixTensors
+from prefixfleet.workers.spec import TrainConfig
+from prefixfleet.workers.trainer import UserJob, UserResult, evaluate, prepare, train_users
 
 PUBLISH_THREADS = 4
 GATED_AGAINST = "gated_against"  # version tag: the production version a candidate was judged against

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import JobError
-from registry.errors import InvalidUserKey
-from registry.keys import UserKey
-from workers.data import Example, data_fingerprint
-from workers.errors import BadExample
+from prefixfleet.pipelines.errors import JobError
+from prefixfleet.registry.errors import InvalidUserKey
+from prefixfleet.registry.keys import UserKey
+from prefixfleet.workers.data import Example, data_fingerprint
+from prefixfleet.workers.errors import BadExample
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -9,17 +9,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.job import JobRequest, JobSummary, run_job
-from registry import NotFound, Registry, UserKey
-from workers.artifact import deserialize
-from workers.backbone import Backbone, load_backbone
-from workers.data import Example, holdout
-from workers.generate import generate
-from workers.prefix import PrefixTensors
-from workers.spec import PrefixSpec, TrainConfig
-from workers.synthetic import dataset, style_of, user_id, user_rows
-from workers.tiny import build_backbone
-from workers.trainer import UserJob, evaluate, prepare
+from prefixfleet.pipelines.job import JobRequest, JobSummary, run_job
+from prefixfleet.registry import NotFound, Registry, UserKey
+from prefixfleet.workers.artifact import deserialize
+from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.data import Example, holdout
+from prefixfleet.workers.generate import generate
+from prefixfleet.workers.prefix import PrefixTensors
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.synthetic import dataset, style_of, user_id, user_rows
+from prefixfleet.workers.tiny import build_backbone
+from prefixfleet.workers.trainer import UserJob, evaluate, prepare
 
 NAMESPACE = "demo"
 EXAMPLES_PER_USER = 24

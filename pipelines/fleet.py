@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from pipelines.actors import JobContext, Outcome, RegistryConfig, TrainerActor, failed
-from pipelines.errors import JobError
-from pipelines.plan import UserTask
+from prefixfleet.pipelines.actors import JobContext, Outcome, RegistryConfig, TrainerActor, failed
+from prefixfleet.pipelines.errors import JobError
+from prefixfleet.pipelines.plan import UserTask
 
 QUEUED_PER_ACTOR = 2
 POLL_SECONDS = 1.0

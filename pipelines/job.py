@@ -8,18 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.actors import JobContext, Outcome, RegistryConfig
-from pipelines.config import actor_env, connect_ray
-from pipelines.data import DataError, TrainingData, read_data
-from pipelines.errors import JobError
-from pipelines.fleet import Fleet, actor_count, split
-from pipelines.plan import Plan, plan_train
-from pipelines.progress import JobProgress
-from pipelines.published import config_params
-from pipelines.retrain import plan_retrain
-from pipelines.tracking import JobRun
-from registry import Registry
-from workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.pipelines.actors import JobContext, Outcome, RegistryConfig
+from prefixfleet.pipelines.config import actor_env, connect_ray
+from prefixfleet.pipelines.data import DataError, TrainingData, read_data
+from prefixfleet.pipelines.errors import JobError
+from prefixfleet.pipelines.fleet import Fleet, actor_count, split
+from prefixfleet.pipelines.plan import Plan, plan_train
+from prefixfleet.pipelines.progress import JobProgress
+from prefixfleet.pipelines.published import config_params
+from prefixfleet.pipelines.retrain import plan_retrain
+from prefixfleet.pipelines.tracking import JobRun
+from prefixfleet.registry import Registry
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger("prefixfleet")
 MODES = ("packed", "isolated")

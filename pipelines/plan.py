@@ -8,13 +8,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipelines.data import TrainingData, UserData
-from pipelines.published import PublishedLookup
-from registry import Registry, UserKey, VersionRef
-from registry.errors import RegistryError
-from registry.refs import PRODUCTION
-from workers.data import Example
-from workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.pipelines.data import TrainingData, UserData
+from prefixfleet.pipelines.published import PublishedLookup
+from prefixfleet.registry import Registry, UserKey, VersionRef
+from prefixfleet.registry.errors import RegistryError
+from prefixfleet.registry.refs import PRODUCTION
+from prefixfleet.workers.data import Example
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from cachetools import LRUCache
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from registry import Registry, UserKey, VersionRef
-from registry.errors import RegistryError
-from workers.errors import WorkerError
-from workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.registry import Registry, UserKey, VersionRef
+from prefixfleet.registry.errors import RegistryError
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 CONFIG_PARAM = "config."
 _RUNS_CACHED = 1024

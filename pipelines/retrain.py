@@ -2,12 +2,12 @@
 never promoted), warm-started from production with production's spec."""
 from __future__ import annotations
 
-from pipelines.data import TrainingData, UserData
-from pipelines.plan import Failure, Plan, Skip, UserTask, already_trained, build_plan, task_for
-from pipelines.published import PublishedLookup
-from registry import NotFound, Registry, UserKey, VersionRef
-from workers.errors import WorkerError
-from workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.pipelines.data import TrainingData, UserData
+from prefixfleet.pipelines.plan import Failure, Plan, Skip, UserTask, already_trained, build_plan, task_for
+from prefixfleet.pipelines.published import PublishedLookup
+from prefixfleet.registry import NotFound, Registry, UserKey, VersionRef
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 
 def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, config: TrainConfig,

@@ -61,7 +61,7 @@ def job_name(command: Sequence[str]) -> str:
 
 def prefixfleet_argv(command: Sequence[str]) -> list[str]:
     """The argv that runs a prefixfleet subcommand in a fresh Python process."""
-    return [sys.executable, "-m", "pipelines.cli", *command]
+    return [sys.executable, "-m", "prefixfleet.pipelines.cli", *command]
 
 
 def run_subprocess(argv: Sequence[str]) -> int:

@@ -7,8 +7,8 @@ import json
 import struct
 from dataclasses import dataclass
 
-from registry.errors import IntegrityError
-from registry.keys import UserKey
+from prefixfleet.registry.errors import IntegrityError
+from prefixfleet.registry.keys import UserKey
 
 FORMAT = "prefixfleet/1"
 MAX_HEADER_BYTES = 1 << 24

@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from registry.errors import IntegrityError, InvalidUserKey
+from prefixfleet.registry.errors import IntegrityError, InvalidUserKey
 
 MAX_ESCAPED_USER = 200  # keeps model names within MLflow's 256 and file names within 255 bytes
 _NAMESPACE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

@@ -8,17 +8,15 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from registry import refs
-from registry.catalog import Missing, VersionRecord, retrying
-from registry.errors import IntegrityError
-from registry.header import read_header
-from registry.keys import SHA256_DIGEST, UserKey, unescape
-from registry.refs import VersionRef
-
-if TYPE_CHECKING:
-    from registry.registry import Registry
+from prefixfleet.registry import refs
+from prefixfleet.registry.catalog import Missing, VersionRecord, retrying
+from prefixfleet.registry.errors import IntegrityError
+from prefixfleet.registry.header import read_header
+from prefixfleet.registry.keys import SHA256_DIGEST, UserKey, unescape
+from prefixfleet.registry.refs import VersionRef
+from prefixfleet.registry.registry import Registry
 
 _OBJECT_KEY = re.compile(r"(?P<ns>[^/]+)/(?P<shard>[0-9a-f]{2})/(?P<user>[^/]+)/(?P<sha>[0-9a-f]{64})\.safetensors")
 
@@ -154,7 +152,7 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
     return report
 
 
-def gc(reg: Registry, key: UserKey | None, *, keep_last: int) -> list[VersionRef]:
+def gc(reg: Registry, key: UserKey | None = None, *, keep_last: int = 5) -> list[VersionRef]:
     """Delete all but the newest `keep_last` versions (aliased versions always stay) and the
     artifacts no remaining version of that user uses."""
     if keep_last < 0:

@@ -8,10 +8,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from registry.catalog import VersionRecord
-from registry.errors import IntegrityError
-from registry.header import ArtifactHeader, canonical_json
-from registry.keys import UserKey
+from prefixfleet.registry.catalog import VersionRecord
+from prefixfleet.registry.errors import IntegrityError
+from prefixfleet.registry.header import ArtifactHeader, canonical_json
+from prefixfleet.registry.keys import UserKey
 
 TAG = "prefixfleet."
 SHA256, SIZE = TAG + "sha256", TAG + "size_bytes"

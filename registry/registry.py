@@ -10,16 +10,15 @@ from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from registry import maintenance, refs
-from registry.cache import ContentCache, ResolutionCache
-from registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog, retrying
-from registry.catalog_rest import RestCatalog
-from registry.errors import IntegrityError, NotFound, RegistryError
-from registry.header import identity, read_header
-from registry.keys import UserKey, check_namespace, check_prefix
-from registry.maintenance import FsckReport
-from registry.refs import ForgetReceipt, PublishRequest, VersionRef
-from registry.store import FileStore, open_store
+from prefixfleet.registry import refs
+from prefixfleet.registry.cache import ContentCache, ResolutionCache
+from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog, retrying
+from prefixfleet.registry.catalog.rest import RestCatalog
+from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
+from prefixfleet.registry.header import identity, read_header
+from prefixfleet.registry.keys import UserKey, check_namespace, check_prefix
+from prefixfleet.registry.refs import ForgetReceipt, PublishRequest, VersionRef
+from prefixfleet.registry.store import FileStore, open_store
 
 RECENT = 20  # versions read back after a publish to settle twins and the alias
 _SETTLE_ROUNDS = 20
@@ -384,12 +383,3 @@ class Registry:
             self.invalidate(key)
         return ForgetReceipt(key.namespace, key.user_id, name if model else None, versions,
                              dict(model.aliases) if model else {}, [self.store.uri_for(k) for k in objects])
-
-    def fsck(self, repair: bool = False) -> FsckReport:
-        """Check every user of this registry against the object store (see registry.maintenance)."""
-        return maintenance.fsck(self, repair=repair)
-
-    def gc(self, key: UserKey | None = None, keep_last: int = 5) -> list[VersionRef]:
-        """Delete all but the newest `keep_last` versions of one user (or of every user); versions
-        an alias points to are always kept. Returns the versions deleted."""
-        return maintenance.gc(self, key, keep_last=keep_last)

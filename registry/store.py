@@ -15,7 +15,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from registry.errors import RegistryError
+from prefixfleet.registry.errors import RegistryError
 
 _SESSION = boto3.session.Session()
 _SESSION_LOCK = threading.Lock()

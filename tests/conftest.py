@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from registry import Registry
+from prefixfleet.registry import Registry
 from tests.fixtures import servers
 
 _SERVER_FIXTURES = {"mlflow_server", "mlflow_server_uri", "s3_endpoint", "s3_bucket", "server_registry",

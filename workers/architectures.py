@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 
-from workers.errors import UnsupportedArchitecture
+from prefixfleet.workers.errors import UnsupportedArchitecture
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from workers.errors import BackboneMismatch, BadArtifact
-from workers.prefix import PrefixTensors
-from workers.spec import PrefixSpec
+from prefixfleet.workers.errors import BackboneMismatch, BadArtifact
+from prefixfleet.workers.prefix import PrefixTensors
+from prefixfleet.workers.spec import PrefixSpec
 
 FORMAT = "prefixfleet/1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from workers.architectures import Family, StackGeometry, family_for, install_encoder_hooks
+from prefixfleet.workers.architectures import Family, StackGeometry, family_for, install_encoder_hooks
 
 
 @dataclass

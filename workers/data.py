@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.backbone import Backbone
-from workers.errors import BadExample
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.errors import BadExample
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from workers.backbone import Backbone
-from workers.data import IGNORE, Batch
-from workers.prefix import PrefixTensors
-from workers.wiring import PrefixedCall, prefixed_call
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.data import IGNORE, Batch
+from prefixfleet.workers.prefix import PrefixTensors
+from prefixfleet.workers.wiring import PrefixedCall, prefixed_call
 
 
 def _call(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> PrefixedCall:

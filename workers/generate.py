@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from workers.backbone import Backbone
-from workers.data import pad_rows
-from workers.errors import WorkerError
-from workers.prefix import PrefixTensors, stack_rows
-from workers.wiring import prefixed_call
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.data import pad_rows
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.prefix import PrefixTensors, stack_rows
+from prefixfleet.workers.wiring import prefixed_call
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from workers.backbone import Backbone
-from workers.errors import WorkerError
-from workers.prefix import PrefixTensors, check_shapes, expected_shapes
-from workers.spec import PrefixSpec
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.prefix import PrefixTensors, check_shapes, expected_shapes
+from prefixfleet.workers.spec import PrefixSpec
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 

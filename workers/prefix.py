@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from workers.architectures import text_activations
-from workers.backbone import Backbone
-from workers.errors import WorkerError
-from workers.spec import PrefixSpec
+from prefixfleet.workers.architectures import text_activations
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.spec import PrefixSpec
 
 PrefixTensors = dict[str, torch.Tensor]
 

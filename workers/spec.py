@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from workers.errors import WorkerError
+from prefixfleet.workers.errors import WorkerError
 
 Method = Literal["prefix", "ptuning-v2", "prompt"]
 METHODS: tuple[str, ...] = ("prefix", "ptuning-v2", "prompt")

@@ -19,7 +19,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from workers.errors import WorkerError
+from prefixfleet.workers.errors import WorkerError
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from workers.backbone import Backbone
-from workers.data import Encoded, Example, collate, encode, holdout, token_budget
-from workers.errors import WorkerError
-from workers.forward import row_losses
-from workers.prefix import PrefixTensors, UserPrefix, check_shapes, expected_shapes, stack_rows
-from workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.data import Encoded, Example, collate, encode, holdout, token_budget
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.forward import row_losses
+from prefixfleet.workers.prefix import PrefixTensors, UserPrefix, check_shapes, expected_shapes, stack_rows
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger(__name__)
 

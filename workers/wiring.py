@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from workers.architectures import encoder_prefix, prefix_cache
-from workers.backbone import Backbone
-from workers.prefix import PrefixTensors
+from prefixfleet.workers.architectures import encoder_prefix, prefix_cache
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.prefix import PrefixTensors
 
 
 def with_prefix_columns(mask: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """`prefixfleet` console script: each module below registers its commands on the shared app."""
 from __future__ import annotations
 
-from pipelines.cli import backbone_cmds, registry_cmds, schedule_cmds, serve_cmds, train_cmds  # noqa: F401
-from pipelines.cli.app import app
+from prefixfleet.pipelines.cli import backbone_cmds, registry_cmds, schedule_cmds, serve_cmds, train_cmds  # noqa: F401
+from prefixfleet.pipelines.cli.app import app
 
 
 def main() -> None:

@@ -1,3 +1,3 @@
-from pipelines.cli import main
+from prefixfleet.pipelines.cli import main
 
 main()

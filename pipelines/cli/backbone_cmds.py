@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
-from workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
-from workers.backbone import load_backbone
-from workers.errors import WorkerError
-from workers.peft_interop import WEIGHTS_FILE, export_peft, import_peft, read_peft_config
-from workers.tiny import build_backbone
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
+from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
+from prefixfleet.workers.backbone import load_backbone
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.peft_interop import WEIGHTS_FILE, export_peft, import_peft, read_peft_config
+from prefixfleet.workers.tiny import build_backbone
 
 
 @app.command("init-backbone")

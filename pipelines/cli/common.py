@@ -10,8 +10,8 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
-from registry import Registry, UserKey
-from registry.errors import IntegrityError, RegistryError
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.registry.errors import IntegrityError, RegistryError
 
 HomeOption = Annotated[Optional[Path], typer.Option(
     "--home", envvar="PREFIXFLEET_HOME", help="Holds the embedded MLflow database and file store (default ~/.prefixfleet).")]

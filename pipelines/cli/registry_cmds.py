@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
+from prefixfleet.registry import maintenance
 
 UserArgument = Annotated[str, typer.Argument(help="The user (or task) id.")]
 
@@ -93,7 +94,7 @@ def fsck(
     """Find (and with --repair fix) orphans, missing artifacts, hash mismatches and dangling aliases.
     Exits 1 while faults remain."""
     with registry_session(home) as registry:
-        report = registry.fsck(repair=repair)
+        report = maintenance.fsck(registry, repair=repair)
     lines = [f"{f.kind}\t{f.location}\t{f.detail}" + ("\t(repaired)" if f.repaired else "") for f in report.faults]
     summary = (f"{report.users} users, {report.versions} versions, {report.objects} artifacts, "
                f"{len(report.faults)} faults")

@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 import typer.main
 
-from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, emit, fail
-from pipelines.scheduler import ScheduleError, Scheduler
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, emit, fail
+from prefixfleet.pipelines.scheduler import ScheduleError, Scheduler
 
 
 def _registered_commands() -> set[str]:

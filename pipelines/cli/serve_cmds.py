@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
-from pipelines.config import home_dir
-from pipelines.serving import GenerateRequest, InProcessServer, PrefixService, ServeConfig, create_app
-from registry import IntegrityError, Registry, RegistryError
-from workers.artifact import read_meta
-from workers.backbone import Backbone, load_backbone
-from workers.errors import WorkerError
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
+from prefixfleet.pipelines.config import home_dir
+from prefixfleet.pipelines.serving import GenerateRequest, InProcessServer, PrefixService, ServeConfig, create_app
+from prefixfleet.registry import IntegrityError, Registry, RegistryError
+from prefixfleet.workers.artifact import read_meta
+from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.errors import WorkerError
 
 BackboneOption = Annotated[Optional[str], typer.Option(
     "--backbone", help="HF model id or local path of the backbone.")]
@@ -74,8 +74,8 @@ def serve(
 
 def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, host: str, port: int,
                   address: str | None, replicas: int, device: str | None) -> None:
-    from pipelines.config import actor_env, connect_ray
-    from pipelines.serving import ray_app
+    from prefixfleet.pipelines.config import actor_env, connect_ray
+    from prefixfleet.pipelines.serving import ray_app
 
     where = ray_app.RegistryAddress(registry.tracking_uri, registry.store_uri,
                                     os.environ.get("AWS_ENDPOINT_URL") or None, registry.prefix)

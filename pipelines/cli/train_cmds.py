@@ -10,16 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.cli.app import app
-from pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry
-from pipelines.config import home_dir
-from pipelines.data import DataError
-from pipelines.demo import MARGIN, DemoReport, run_demo
-from pipelines.errors import JobError
-from pipelines.job import JobRequest, JobSummary, run_job
-from registry.errors import RegistryError
-from workers.errors import WorkerError
-from workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry
+from prefixfleet.pipelines.config import home_dir
+from prefixfleet.pipelines.data import DataError
+from prefixfleet.pipelines.demo import MARGIN, DemoReport, run_demo
+from prefixfleet.pipelines.errors import JobError
+from prefixfleet.pipelines.job import JobRequest, JobSummary, run_job
+from prefixfleet.registry.errors import RegistryError
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 DataArg = Annotated[str, typer.Argument(help="JSONL or Parquet file or folder, local or s3://bucket/key.")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or local save_pretrained folder.")]

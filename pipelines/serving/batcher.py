@@ -21,9 +21,9 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from pipelines.serving.cache import ServedPrefix
-from workers.backbone import Backbone
-from workers.generate import generate_ids
+from prefixfleet.pipelines.serving.cache import ServedPrefix
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.generate import generate_ids
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from registry import Registry, UserKey, VersionRef
-from workers.artifact import deserialize
-from workers.backbone import Backbone
-from workers.errors import BackboneMismatch
-from workers.prefix import PrefixTensors, check_shapes, expected_shapes
+from prefixfleet.registry import Registry, UserKey, VersionRef
+from prefixfleet.workers.artifact import deserialize
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.errors import BackboneMismatch
+from prefixfleet.workers.prefix import PrefixTensors, check_shapes, expected_shapes
 
 ContentKey = tuple[str, str, str]  # namespace, user_id, sha256
 

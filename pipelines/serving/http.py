@@ -10,10 +10,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
-from pipelines.serving.service import BadRequest, PrefixService
-from registry import IntegrityError, InvalidUserKey, NotFound, RegistryError
-from workers.errors import BackboneMismatch, WorkerError
+from prefixfleet.pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
+from prefixfleet.pipelines.serving.service import BadRequest, PrefixService
+from prefixfleet.registry import IntegrityError, InvalidUserKey, NotFound, RegistryError
+from prefixfleet.workers.errors import BackboneMismatch, WorkerError
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (

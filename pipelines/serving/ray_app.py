@@ -10,10 +10,10 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from pipelines.serving.http import create_app
-from pipelines.serving.service import PrefixService, ServeConfig
-from registry import Registry
-from workers.backbone import load_backbone
+from prefixfleet.pipelines.serving.http import create_app
+from prefixfleet.pipelines.serving.service import PrefixService, ServeConfig
+from prefixfleet.registry import Registry
+from prefixfleet.workers.backbone import load_backbone
 
 APP_NAME = "prefixfleet"
 

@@ -6,11 +6,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.serving.batcher import Batcher, GenerationParams
-from pipelines.serving.cache import PrefixCache, ServedPrefix
-from pipelines.serving.schemas import GenerateRequest, GenerateResponse
-from registry import Registry, UserKey
-from workers.backbone import Backbone
+from prefixfleet.pipelines.serving.batcher import Batcher, GenerationParams
+from prefixfleet.pipelines.serving.cache import PrefixCache, ServedPrefix
+from prefixfleet.pipelines.serving.schemas import GenerateRequest, GenerateResponse
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.workers.backbone import Backbone
 
 
 class BadRequest(ValueError):

@@ -219,8 +219,8 @@ def _cli_options(command: str) -> set[str] | None:
     """Option names of a registered `prefixfleet` command, or None while it is not registered."""
     import typer.main
 
-    import pipelines.cli  # noqa: F401  (imports the command modules, which register on the app)
-    from pipelines.cli.app import app
+    import prefixfleet.pipelines.cli  # noqa: F401  (imports the command modules, which register on the app)
+    from prefixfleet.pipelines.cli.app import app
 
     names = {info.name or typer.main.get_command_name(info.callback.__name__) for info in app.registered_commands}
     if command not in names:

@@ -11,7 +11,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 
-from registry import Registry, RegistryError, UserKey
+from prefixfleet.registry import Registry, RegistryError, UserKey
 from tests.fixtures.artifacts import make_artifact
 
 pytestmark = pytest.mark.servers
@@ -24,7 +24,7 @@ def test_cli_process_reads_what_a_publisher_wrote_through_the_environment(server
         assert reg.store_uri == server_env["PREFIXFLEET_STORE"]
         reg.promote(key, reg.publish(key, artifact, metrics={"eval_loss": 0.5}).version)
     out = tmp_path / "zoe.safetensors"
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "get", "zoe", "--json", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "prefixfleet.pipelines.cli", "get", "zoe", "--json", "--out", str(out)],
                             capture_output=True, text=True, env={**os.environ, "PREFIXFLEET_HOME": str(tmp_path)},
                             timeout=300)
     assert result.returncode == 0, result.stderr

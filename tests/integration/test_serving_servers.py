@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
-from registry import Registry
+from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
+from prefixfleet.registry import Registry
 from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
 
 pytestmark = pytest.mark.servers

@@ -10,10 +10,10 @@ import ray
 import typer.main
 from click.testing import CliRunner, Result
 
-from pipelines.cli import app
-from pipelines.config import LOCAL_OBJECT_STORE_BYTES
-from workers.synthetic import dataset, user_rows
-from workers.tiny import build_backbone
+from prefixfleet.pipelines.cli import app
+from prefixfleet.pipelines.config import LOCAL_OBJECT_STORE_BYTES
+from prefixfleet.workers.synthetic import dataset, user_rows
+from prefixfleet.workers.tiny import build_backbone
 
 STEPS = 12
 EXAMPLES = 12

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from registry import Registry, UserKey, VersionRef
-from workers.artifact import ArtifactMeta, serialize
-from workers.backbone import Backbone, load_backbone
-from workers.generate import generate
-from workers.prefix import PrefixTensors, expected_shapes
-from workers.spec import PrefixSpec
-from workers.tiny import build_backbone
+from prefixfleet.registry import Registry, UserKey, VersionRef
+from prefixfleet.workers.artifact import ArtifactMeta, serialize
+from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.generate import generate
+from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
+from prefixfleet.workers.spec import PrefixSpec
+from prefixfleet.workers.tiny import build_backbone
 
 SPEC = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5)
 PROMPTS = ("order 3 kite for Bo\n", "hi there", "order 9 lamp for Kim, and a longer note\n", "Dear Ana")

@@ -8,16 +8,16 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from registry import Registry, UserKey
+from prefixfleet.pipelines.cli import app
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
+from prefixfleet.workers.backbone import load_backbone
+from prefixfleet.workers.data import Example, collate, data_fingerprint, encode
+from prefixfleet.workers.forward import logits
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.synthetic import user_rows
+from prefixfleet.workers.trainer import UserJob, train_user
 from tests.fixtures.peft_logits import peft_logits
-from workers.artifact import ArtifactMeta, deserialize, serialize
-from workers.backbone import load_backbone
-from workers.data import Example, collate, data_fingerprint, encode
-from workers.forward import logits
-from workers.spec import PrefixSpec, TrainConfig
-from workers.synthetic import user_rows
-from workers.trainer import UserJob, train_user
 
 
 def run(*args: str):

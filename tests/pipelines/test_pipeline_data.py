@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data import DataError, UserData, read_data
-from workers.data import Example
+from prefixfleet.pipelines.data import DataError, UserData, read_data
+from prefixfleet.workers.data import Example
 
 GOOD = {"user_id": "ann", "prompt": "order 2 mugs\n", "completion": "Hi Ann - 2 mugs. Thanks!"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from registry import Registry, UserKey
+from prefixfleet.registry import Registry, UserKey
 from tests.pipelines.pipeline_support import STEPS, cli, ensure_ray, synthetic, tiny_backbone, write_jsonl
 
 pytestmark = pytest.mark.ray

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.actors import GATED_AGAINST, JobContext, RegistryConfig, UserTrainer
-from pipelines.plan import UserTask
-from registry import Registry, UserKey
+from prefixfleet.pipelines.actors import GATED_AGAINST, JobContext, RegistryConfig, UserTrainer
+from prefixfleet.pipelines.plan import UserTask
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.workers.artifact import ArtifactMeta, serialize
+from prefixfleet.workers.data import data_fingerprint
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.trainer import UserJob, evaluate, prepare, train_user
 from tests.pipelines.pipeline_support import tiny_backbone
 from tests.workers.conftest import examples_for
-from workers.artifact import ArtifactMeta, serialize
-from workers.data import data_fingerprint
-from workers.spec import PrefixSpec, TrainConfig
-from workers.trainer import UserJob, evaluate, prepare, train_user
 
 ALICE = UserKey("default", "alice")
 SPEC = PrefixSpec(num_virtual_tokens=4, reparam_hidden=32)

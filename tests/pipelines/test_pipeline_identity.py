@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from registry import Registry, UserKey
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.workers.backbone import load_backbone
+from prefixfleet.workers.spec import DEFAULT_LR
+from prefixfleet.workers.tiny import build_backbone
 from tests.fixtures import legacy
 from tests.pipelines.pipeline_support import STEPS, cli, ensure_ray, synthetic, tiny_backbone, write_jsonl
-from workers.backbone import load_backbone
-from workers.spec import DEFAULT_LR
-from workers.tiny import build_backbone
 
 pytestmark = pytest.mark.ray
 

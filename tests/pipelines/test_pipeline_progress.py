@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from pipelines.actors import Outcome
-from pipelines.progress import JobProgress
+from prefixfleet.pipelines.actors import Outcome
+from prefixfleet.pipelines.progress import JobProgress
 
 
 def test_plain_progress_logs_counts_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:

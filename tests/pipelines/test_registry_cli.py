@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from registry import Registry, UserKey
+from prefixfleet.pipelines.cli import app
+from prefixfleet.registry import Registry, UserKey
 from tests.fixtures.artifacts import make_artifact
 
 

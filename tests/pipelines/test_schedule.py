@@ -15,9 +15,9 @@ import pytest
 import typer.main
 from click.testing import CliRunner
 
-from pipelines.cli import schedule_cmds
-from pipelines.cli.app import app
-from pipelines.scheduler import (
+from prefixfleet.pipelines.cli import schedule_cmds
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.pipelines.scheduler import (
     ScheduleError,
     Scheduler,
     job_lock,
@@ -192,7 +192,7 @@ def test_a_job_held_by_another_scheduler_process_is_skipped(tmp_path: Path) -> N
 
 
 def test_each_run_is_a_fresh_prefixfleet_process() -> None:
-    assert prefixfleet_argv(COMMAND) == [sys.executable, "-m", "pipelines.cli", *COMMAND]
+    assert prefixfleet_argv(COMMAND) == [sys.executable, "-m", "prefixfleet.pipelines.cli", *COMMAND]
 
 
 @pytest.mark.timeout(60)

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from pipelines.serving import batcher as batcher_module
-from pipelines.serving.batcher import Batcher, GenerationParams
-from pipelines.serving.cache import ServedPrefix
-from registry import VersionRef
+from prefixfleet.pipelines.serving import batcher as batcher_module
+from prefixfleet.pipelines.serving.batcher import Batcher, GenerationParams
+from prefixfleet.pipelines.serving.cache import ServedPrefix
+from prefixfleet.registry import VersionRef
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.generate import generate_ids
+from prefixfleet.workers.prefix import PrefixTensors
 from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, SPEC, random_prefix, tiny_backbone
-from workers.errors import WorkerError
-from workers.generate import generate_ids
-from workers.prefix import PrefixTensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from pipelines.serving.cache import PrefixCache, tensors_nbytes
-from registry import NotFound, Registry, UserKey
+from prefixfleet.pipelines.serving.cache import PrefixCache, tensors_nbytes
+from prefixfleet.registry import NotFound, Registry, UserKey
+from prefixfleet.workers.errors import BackboneMismatch
 from tests.pipelines.serving_support import publish_user, random_prefix, tiny_backbone
-from workers.errors import BackboneMismatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,13 +14,13 @@ import pytest
 import typer.main
 from click.testing import CliRunner, Result
 
-import pipelines.cli  # noqa: F401 - registers every command on the app
-from pipelines.cli.app import app
-from registry import Registry, UserKey
+import prefixfleet.pipelines.cli  # noqa: F401 - registers every command on the app
+from prefixfleet.pipelines.cli.app import app
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.workers.artifact import ArtifactMeta, serialize
+from prefixfleet.workers.spec import PrefixSpec
 from tests.fixtures.servers import free_port
 from tests.pipelines.serving_support import PROMPTS, alone, publish_user, random_prefix, tiny_backbone
-from workers.artifact import ArtifactMeta, serialize
-from workers.spec import PrefixSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,7 +80,7 @@ def test_serve_answers_over_http_until_interrupted(home_registry, backbone):
     _, tensors = publish_user(home_registry, backbone, "dee", seed=4)
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve", "--backbone", backbone.name_or_path, "--port", str(port)],
+        [sys.executable, "-m", "prefixfleet.pipelines.cli", "serve", "--backbone", backbone.name_or_path, "--port", str(port)],
         env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
-from registry import Registry
+from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
+from prefixfleet.registry import Registry
+from prefixfleet.workers.backbone import Backbone
 from tests.fixtures.servers import make_local_registry
 from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
-from workers.backbone import Backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

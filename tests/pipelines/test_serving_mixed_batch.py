@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.backbone import Backbone, load_backbone
-from workers.generate import generate_ids
-from workers.prefix import PrefixTensors, expected_shapes
-from workers.spec import METHODS, PrefixSpec
-from workers.tiny import SPECIAL_TOKENS, build_backbone
+from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.generate import generate_ids
+from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
+from prefixfleet.workers.spec import METHODS, PrefixSpec
+from prefixfleet.workers.tiny import SPECIAL_TOKENS, build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pipelines.serving import ServeConfig, ray_app
+from prefixfleet.pipelines.serving import ServeConfig, ray_app
 from tests.fixtures.servers import free_port
 from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
 

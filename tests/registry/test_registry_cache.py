@@ -1,7 +1,7 @@
 """Resolution cache TTL / refresh / invalidation, and the byte-bounded content cache."""
 from __future__ import annotations
 
-from registry.cache import ContentCache, ResolutionCache
+from prefixfleet.registry.cache import ContentCache, ResolutionCache
 
 
 class Clock:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from registry import UserKey, VersionRef
-from registry.refs import IDENTITY
+from prefixfleet.registry import UserKey, VersionRef
+from prefixfleet.registry.refs import IDENTITY
 from tests.fixtures.artifacts import make_artifact
 
 CAROL = UserKey("default", "carol")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from registry import (
+from prefixfleet.registry import (
     IntegrityError,
     NotFound,
     PublishRequest,
@@ -17,6 +17,7 @@ from registry import (
     RegistryError,
     UserKey,
     VersionRef,
+    gc,
 )
 from tests.fixtures.artifacts import DEFAULT_SPEC, make_artifact
 
@@ -137,8 +138,8 @@ def test_publish_many_keeps_order_and_reports_failures_in_place(registry):
 
 
 def test_list_users_streams_pages_and_keeps_namespaces_apart(registry, monkeypatch):
-    monkeypatch.setattr("registry.catalog_rest.PAGE_MAX_MODELS", 2)
-    monkeypatch.setattr("registry.catalog_sql.PAGE_MAX_MODELS", 2)
+    monkeypatch.setattr("prefixfleet.registry.catalog.rest.PAGE_MAX_MODELS", 2)
+    monkeypatch.setattr("prefixfleet.registry.catalog.sql.PAGE_MAX_MODELS", 2)
     for ns, user in [("a_b", "u1"), ("a_b", "u2"), ("a_b", "u3"), ("axb", "u4"), ("a_bc", "u5"), ("zz", "u1")]:
         publish(registry, UserKey(ns, user))
     users = registry.list_users("a_b")
@@ -151,7 +152,7 @@ def test_list_users_streams_pages_and_keeps_namespaces_apart(registry, monkeypat
 def test_gc_keeps_the_newest_and_every_aliased_version(registry):
     refs = [publish(registry, data=f"d{i}") for i in range(1, 6)]
     registry.promote(ALICE, 1)
-    removed = registry.gc(ALICE, keep_last=2)
+    removed = gc(registry, ALICE, keep_last=2)
     assert sorted(r.version for r in removed) == [2, 3]
     assert [r.version for r in registry.history(ALICE)] == [5, 4, 1]
     kept = {k.rsplit("/", 1)[1] for k, _ in registry.store.list()}
@@ -159,7 +160,7 @@ def test_gc_keeps_the_newest_and_every_aliased_version(registry):
     with pytest.raises(NotFound):
         registry.fetch(ALICE, version=2)
     assert registry.fetch(ALICE) == registry.fetch(ALICE, version=1)
-    assert [r.version for r in registry.gc(None, keep_last=0)] == [4]
+    assert [r.version for r in gc(registry, None, keep_last=0)] == [4]
     assert [r.version for r in registry.history(ALICE)] == [5, 1]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from registry import UserKey
+from prefixfleet.registry import UserKey, gc
 from tests.fixtures.artifacts import make_artifact
 from tests.fixtures.tamper import database_of, rows_mentioning
 
@@ -19,7 +19,7 @@ def test_forget_leaves_nothing_of_the_user_in_mlflow_or_the_store(registry, requ
         shas.append(ref.sha256)
     registry.promote(key, 2)
     registry.promote(key, 3)
-    registry.gc(key, keep_last=1)  # leaves a deleted version behind in MLflow's tables
+    gc(registry, key, keep_last=1)  # leaves a deleted version behind in MLflow's tables
     other_bytes = make_artifact("default", other.user_id)
     registry.publish(other, other_bytes)
     registry.fetch(key, "candidate")  # warm the caches too

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import hashlib
 
-from registry import UserKey
-from registry.refs import model_tags
+from prefixfleet.registry import UserKey, fsck
+from prefixfleet.registry.refs import model_tags
 from tests.fixtures.artifacts import make_artifact
 from tests.fixtures.tamper import add_dangling_alias, database_of, overwrite
 
@@ -34,7 +34,7 @@ def test_fsck_finds_and_repairs_planted_faults(registry, request):
     add_dangling_alias(database_of(registry, request), USERS["dangling"].model_name(registry.prefix), "production", 7)
     registry.store.put("notes/readme.txt", b"not a registry object")
 
-    report = registry.fsck()
+    report = fsck(registry)
     found = sorted((f.kind, f.user_id, f.version) for f in report.faults)
     assert found == [
         ("dangling_alias", "dangling", 7), ("duplicate_version", "twin", 2), ("hash_mismatch", "corrupt", 1),
@@ -43,9 +43,9 @@ def test_fsck_finds_and_repairs_planted_faults(registry, request):
     assert (report.users, report.versions, report.objects) == (5, 6, 6) and not report.clean
     assert not any(f.repaired for f in report.faults)
 
-    repaired = registry.fsck(repair=True)
+    repaired = fsck(registry, repair=True)
     assert all(f.repaired for f in repaired.faults if f.kind != "stray_object")
-    after = registry.fsck()
+    after = fsck(registry)
     assert [f.kind for f in after.faults] == ["stray_object"]
     assert registry.store.get(orphan_key) is None
     assert [r.version for r in registry.history(USERS["twin"])] == [1]
@@ -58,6 +58,6 @@ def test_fsck_of_a_healthy_registry_is_clean(registry):
     for name in ("ok", "twin"):
         _publish(registry, name)
     registry.catalog.create_model(USERS["orphan"].model_name(registry.prefix), model_tags(USERS["orphan"]))
-    report = registry.fsck()
+    report = fsck(registry)
     assert report.clean and report.faults == [] and (report.users, report.versions, report.objects) == (3, 2, 2)
     assert report.to_json()["clean"] is True

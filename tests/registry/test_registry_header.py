@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from registry import IntegrityError, UserKey
-from registry.header import identity, read_header
+from prefixfleet.registry import IntegrityError, UserKey
+from prefixfleet.registry.header import identity, read_header
 from tests.fixtures.artifacts import DEFAULT_SPEC, make_artifact
 
 

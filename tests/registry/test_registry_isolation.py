@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from registry import IntegrityError, UserKey
-from registry.refs import SHA256, SIZE
+from prefixfleet.registry import IntegrityError, UserKey
+from prefixfleet.registry.refs import SHA256, SIZE
 from tests.fixtures.artifacts import make_artifact
 from tests.fixtures.tamper import database_of, overwrite, set_version_source, set_version_tag
 

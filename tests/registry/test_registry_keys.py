@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.utils.validation import _validate_model_name
 
-from registry import InvalidUserKey, UserKey
-from registry.keys import MAX_ESCAPED_USER, escape, unescape
+from prefixfleet.registry import InvalidUserKey, UserKey
+from prefixfleet.registry.keys import MAX_ESCAPED_USER, escape, unescape
 
 PREFIX = "pf"
 

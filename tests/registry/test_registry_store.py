@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from registry import RegistryError
-from registry.store import FileStore, S3Store, open_store
+from prefixfleet.registry import RegistryError
+from prefixfleet.registry.store import FileStore, S3Store, open_store
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.servers)])

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.backbone import Backbone, load_backbone
-from workers.data import Example
-from workers.synthetic import user_rows
-from workers.tiny import build_backbone
+from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.data import Example
+from prefixfleet.workers.synthetic import user_rows
+from prefixfleet.workers.tiny import build_backbone
 
 FAMILIES = ("gpt2", "llama", "t5")
 

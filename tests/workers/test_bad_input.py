@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import BertConfig
 
+from prefixfleet.workers.architectures import family_for
+from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
+from prefixfleet.workers.data import Example, encode
+from prefixfleet.workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+from prefixfleet.workers.trainer import UserJob, train_user, train_users
 from tests.workers.conftest import examples_for
-from workers.architectures import family_for
-from workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
-from workers.data import Example, encode
-from workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
-from workers.spec import PrefixSpec, TrainConfig
-from workers.trainer import UserJob, train_user, train_users
 
 
 def test_empty_example_list_names_the_user(backbones):

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from prefixfleet.workers.data import Example
+from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
+from prefixfleet.workers.trainer import UserJob, train_users
 from tests.workers.conftest import FAMILIES, examples_for
-from workers.data import Example
-from workers.spec import METHODS, PrefixSpec, TrainConfig
-from workers.trainer import UserJob, train_users
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=4, reparam_hidden=32)
 PACKED_ATOL = 1e-4  # packed vs alone, any thread count (float32, prefix values of order 1)

@@ -5,15 +5,15 @@ import pytest
 import torch
 from peft import PeftModel
 
+from prefixfleet.workers.backbone import load_backbone
+from prefixfleet.workers.data import collate, encode
+from prefixfleet.workers.errors import WorkerError
+from prefixfleet.workers.forward import logits
+from prefixfleet.workers.peft_interop import export_peft, import_peft
+from prefixfleet.workers.prefix import UserPrefix
+from prefixfleet.workers.spec import PrefixSpec
 from tests.fixtures.peft_logits import peft_logits
 from tests.workers.conftest import examples_for
-from workers.backbone import load_backbone
-from workers.data import collate, encode
-from workers.errors import WorkerError
-from workers.forward import logits
-from workers.peft_interop import export_peft, import_peft
-from workers.prefix import UserPrefix
-from workers.spec import PrefixSpec
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
+from prefixfleet.workers.backbone import weights_checksum
+from prefixfleet.workers.data import data_fingerprint
+from prefixfleet.workers.generate import generate
+from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
+from prefixfleet.workers.trainer import UserJob, train_user
 from tests.workers.conftest import FAMILIES, examples_for
-from workers.artifact import ArtifactMeta, deserialize, serialize
-from workers.backbone import weights_checksum
-from workers.data import data_fingerprint
-from workers.generate import generate
-from workers.spec import METHODS, PrefixSpec, TrainConfig
-from workers.trainer import UserJob, train_user
 
 CONFIG = TrainConfig(steps=30, batch_size=8)
 
@@ -60,8 +60,8 @@ def test_storage_size_and_dtypes(backbones, dtype):
 def test_text_init_starts_from_real_token_activations(backbones):
     backbone = backbones["gpt2"]
     spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5, init_text="Dear Ana")
-    from workers.architectures import text_activations
-    from workers.prefix import UserPrefix
+    from prefixfleet.workers.architectures import text_activations
+    from prefixfleet.workers.prefix import UserPrefix
     module = UserPrefix(backbone, spec, torch.Generator().manual_seed(0))
     ids = torch.tensor(backbone.tokenizer("Dear Ana", add_special_tokens=False).input_ids[:5])
     expected = text_activations(backbone.family, backbone.model, ids)["decoder"]
@@ -81,7 +81,7 @@ def test_warm_start_continues_from_an_earlier_prefix(backbones):
 
 def test_t5_encoder_prefix_changes_the_encoder_output(backbones):
     backbone = backbones["t5"]
-    from workers.architectures import encoder_prefix
+    from prefixfleet.workers.architectures import encoder_prefix
     ids = backbone.tokenizer(["order 3 kite for Bo"], return_tensors="pt").input_ids
     encoder = backbone.model.get_encoder()
     g = backbone.stacks["encoder"]

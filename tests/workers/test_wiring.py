@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefixfleet.workers.data import Batch
+from prefixfleet.workers.forward import logits, row_losses
+from prefixfleet.workers.generate import generate_ids
+from prefixfleet.workers.prefix import UserPrefix
+from prefixfleet.workers.spec import METHODS, PrefixSpec
 from tests.workers.conftest import FAMILIES
-from workers.data import Batch
-from workers.forward import logits, row_losses
-from workers.generate import generate_ids
-from workers.prefix import UserPrefix
-from workers.spec import METHODS, PrefixSpec
 
 PROMPTS = ["order 3 kite for Bo\n", "Dear Ana,", "ship 12 mugs"]
 

@@ -1,6 +1,5 @@
-"""The slice of the MLflow model registry the prefix registry uses, behind one interface with two
-backends: the REST API of an `mlflow server` (catalog_rest) and a SQL database in-process
-(catalog_sql). Records are plain data; MLflow entities never leave the backends."""
+"""The catalog interface, its plain records, its errors and the one mapping of MLflow's error codes
+onto them (both backends raise through `mlflow_error`)."""
 from __future__ import annotations
 
 import random
@@ -10,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from registry.errors import RegistryError
+from prefixfleet.registry.errors import RegistryError
 
 T = TypeVar("T")
 PAGE_MAX_MODELS = 1000  # MLflow's cap on registered models per search page
@@ -36,6 +35,17 @@ def is_write_race(message: str) -> bool:
     """An error MLflow reports when two writers collide on a row (alias or tag upsert, version
     number): the write did not happen and may be repeated."""
     return any(marker in message for marker in _RACE_MARKERS)
+
+
+def mlflow_error(code: str, message: str, *, unavailable: bool = False, where: str = "MLflow") -> RegistryError:
+    """Our error for an MLflow error code; `unavailable`: the transport said busy (5xx, 429)."""
+    if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in message):
+        return Missing(message)
+    if code == "RESOURCE_ALREADY_EXISTS":
+        return AlreadyExists(message)
+    if unavailable or code == "TEMPORARILY_UNAVAILABLE" or is_write_race(message):
+        return Transient(f"{where}: {message}")
+    return RegistryError(f"{where}: {message}")
 
 
 @dataclass(frozen=True)
@@ -119,17 +129,3 @@ def retrying(call: Callable[[], T], *, attempts: int = 12, base_delay: float = 0
         except Transient:
             time.sleep(random.uniform(0, base_delay * 2 ** min(attempt, 7)))
     return call()
-
-
-def open_catalog(tracking_uri: str, *, pool_size: int = 32) -> Catalog:
-    """REST for http(s)://, an in-process SQL store for database URIs (sqlite, postgresql, mysql, mssql)."""
-    scheme = tracking_uri.split(":", 1)[0].lower()
-    if scheme in ("http", "https"):
-        from registry.catalog_rest import RestCatalog
-
-        return RestCatalog(tracking_uri, pool_size=pool_size)
-    if scheme.split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
-        from registry.catalog_sql import SqlCatalog
-
-        return SqlCatalog(tracking_uri)
-    raise RegistryError(f"unsupported MLflow tracking URI {tracking_uri!r}: use http(s)://… or a database URI")

@@ -16,7 +16,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from registry.catalog import (
+from prefixfleet.registry.catalog.base import (
     PAGE_MAX_MODELS,
     AlreadyExists,
     Catalog,
@@ -24,9 +24,8 @@ from registry.catalog import (
     ModelRecord,
     Transient,
     VersionRecord,
-    is_write_race,
+    mlflow_error,
 )
-from registry.errors import RegistryError
 
 _SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -82,14 +81,9 @@ class RestCatalog(Catalog):
             error = resp.json()
         except ValueError:
             error = {}
-        code, message = error.get("error_code", ""), error.get("message", resp.text[:200])
-        if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in message):
-            raise Missing(message)
-        if code == "RESOURCE_ALREADY_EXISTS":
-            raise AlreadyExists(message)
-        if resp.status_code in _TRANSIENT_STATUS or is_write_race(message):
-            raise Transient(f"MLflow {endpoint} answered {resp.status_code}: {message}")
-        raise RegistryError(f"MLflow {endpoint} answered {resp.status_code}: {message}")
+        raise mlflow_error(error.get("error_code", ""), error.get("message", resp.text[:200]),
+                           unavailable=resp.status_code in _TRANSIENT_STATUS,
+                           where=f"MLflow {endpoint} answered {resp.status_code}")
 
     def create_model(self, name: str, tags: dict[str, str]) -> bool:
         body = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}

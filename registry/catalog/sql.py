@@ -15,17 +15,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 from sqlalchemy import event
 
-from registry.catalog import (
+from prefixfleet.registry.catalog.base import (
     PAGE_MAX_MODELS,
     AlreadyExists,
     Catalog,
     Missing,
     ModelRecord,
-    Transient,
     VersionRecord,
-    is_write_race,
+    mlflow_error,
 )
-from registry.errors import RegistryError
 
 _SQLITE = "sqlite:///"
 
@@ -56,17 +54,6 @@ def _model(rm: RegisteredModel) -> ModelRecord:
     return ModelRecord(rm.name, dict(rm._tags), {a: int(v) for a, v in rm.aliases.items()})
 
 
-def _translate(exc: MlflowException) -> RegistryError:
-    code, message = exc.error_code, exc.message
-    if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in message):
-        return Missing(message)
-    if code == "RESOURCE_ALREADY_EXISTS":
-        return AlreadyExists(message)
-    if code == "TEMPORARILY_UNAVAILABLE" or is_write_race(message):
-        return Transient(message)
-    return RegistryError(f"MLflow: {message}")
-
-
 class SqlCatalog(Catalog):
     def __init__(self, db_uri: str) -> None:
         _enable_wal(db_uri)
@@ -80,7 +67,7 @@ class SqlCatalog(Catalog):
         try:
             return getattr(self.store, method)(*args, **kwargs)
         except MlflowException as exc:
-            raise _translate(exc) from exc
+            raise mlflow_error(exc.error_code, exc.message) from exc
 
     def create_model(self, name: str, tags: dict[str, str]) -> bool:
         try:
