@@ -1,18 +1,14 @@
-"""The safetensors header of a prefix artifact: 8-byte little-endian length, then JSON whose
-``__metadata__`` binds the tensors to one user. Read without torch."""
+"""What the registry reads from an artifact's header (workers.artifact_format, no torch): the user
+it is bound to, its fingerprints and settings, and the exactly-once identity they make."""
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass
 
 from prefixfleet.registry.errors import IntegrityError
 from prefixfleet.registry.keys import UserKey
-
-FORMAT = "prefixfleet/1"
-MAX_HEADER_BYTES = 1 << 24
-_FIELDS = ("namespace", "user_id", "spec", "backbone_fingerprint", "data_fingerprint", "created_at")
+from prefixfleet.workers import artifact_format
 
 
 def canonical_json(text: str) -> str:
@@ -65,26 +61,10 @@ class ArtifactHeader:
 
 def read_header(data: bytes) -> ArtifactHeader:
     """Parse and check the header; raise IntegrityError if it is not a complete prefixfleet artifact."""
-    if len(data) < 8:
-        raise IntegrityError("artifact is truncated (no header length)")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise IntegrityError("artifact header is truncated or oversized")
     try:
-        header = json.loads(data[8:8 + length])
-        meta = header.pop("__metadata__")
-        ends = [int(t["data_offsets"][1]) for t in header.values()]
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise IntegrityError(f"artifact header is malformed: {exc!r}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise IntegrityError(f"not a {FORMAT} artifact")
-    missing = [f for f in _FIELDS if not isinstance(meta.get(f), str)]
-    if missing:
-        raise IntegrityError(f"artifact metadata lacks {', '.join(missing)}")
-    expected = 8 + length + max(ends, default=0)
-    if len(data) != expected:
-        raise IntegrityError(f"artifact is {len(data)} bytes, its header describes {expected}")
-    settings = meta.get("settings", "")
-    if not isinstance(settings, str):
-        raise IntegrityError("artifact metadata has non-text settings")
-    return ArtifactHeader(*(meta[f] for f in _FIELDS), expected_size=expected, settings=settings)
+        header = artifact_format.read_header(data)
+    except artifact_format.FormatError as exc:
+        raise IntegrityError(str(exc)) from exc
+    meta = header.metadata
+    return ArtifactHeader(*(meta[f] for f in artifact_format.REQUIRED), expected_size=header.size,
+                          settings=meta["settings"])

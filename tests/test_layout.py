@@ -80,3 +80,8 @@ def test_the_cycle_finder_finds_a_circle_hidden_in_a_function(tmp_path: Path) ->
     hidden.write_text("def f():\n    from prefixfleet.registry import keys\n")
     assert _imports(hidden, {"prefixfleet.registry": hidden, "prefixfleet.registry.keys": hidden}) \
         == {"prefixfleet.registry.keys"}
+
+
+def test_the_artifact_format_is_defined_once() -> None:
+    defining = sorted(name for name, path in _modules().items() if '"prefixfleet/1"' in path.read_text())
+    assert defining == ["prefixfleet.workers.artifact_format"]

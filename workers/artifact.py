@@ -1,20 +1,18 @@
 """A prefix as safetensors bytes plus typed metadata; loading checks the backbone binding."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from prefixfleet.workers.errors import BackboneMismatch, BadArtifact
+from prefixfleet.workers import artifact_format
+from prefixfleet.workers.errors import BackboneMismatch, BadArtifact, WorkerError
 from prefixfleet.workers.prefix import PrefixTensors
 from prefixfleet.workers.spec import PrefixSpec
 
-FORMAT = "prefixfleet/1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,24 +30,20 @@ class ArtifactMeta:
     settings: str = ""  # TrainConfig.settings_json; "" in artifacts written before settings were recorded
 
     def to_header(self) -> dict[str, str]:
-        return {
-            "format": FORMAT, "namespace": self.namespace, "user_id": self.user_id,
-            "spec": self.spec.to_json(), "backbone_fingerprint": self.backbone_fingerprint,
-            "data_fingerprint": self.data_fingerprint,
-            "created_at": self.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backbone": self.backbone, "settings": self.settings,
-        }
+        return artifact_format.metadata(
+            namespace=self.namespace, user_id=self.user_id, spec=self.spec.to_json(),
+            backbone_fingerprint=self.backbone_fingerprint, data_fingerprint=self.data_fingerprint,
+            created_at=self.created_at, backbone=self.backbone, settings=self.settings)
 
     @classmethod
     def from_header(cls, header: dict[str, str]) -> ArtifactMeta:
-        if header.get("format") != FORMAT:
-            raise BadArtifact(f"not a prefixfleet artifact (format {header.get('format')!r}, expected {FORMAT!r})")
+        """From a header `artifact_format.read_header` checked: every field present."""
         try:
-            return cls(header["namespace"], header["user_id"], PrefixSpec.from_json(header["spec"]),
-                       header["backbone_fingerprint"], header["data_fingerprint"], header["created_at"],
-                       header.get("backbone", ""), header.get("settings", ""))
-        except (KeyError, ValueError) as exc:
-            raise BadArtifact(f"artifact metadata is incomplete: {exc}") from exc
+            spec = PrefixSpec.from_json(header["spec"])
+        except (WorkerError, ValueError, TypeError) as exc:
+            raise BadArtifact(f"artifact spec is unreadable: {exc}") from exc
+        return cls(header["namespace"], header["user_id"], spec, header["backbone_fingerprint"],
+                   header["data_fingerprint"], header["created_at"], header["backbone"], header["settings"])
 
 
 def serialize(tensors: PrefixTensors, meta: ArtifactMeta) -> bytes:
@@ -59,17 +53,12 @@ def serialize(tensors: PrefixTensors, meta: ArtifactMeta) -> bytes:
 
 
 def read_meta(data: bytes) -> ArtifactMeta:
-    """The metadata alone, from the header (8-byte length + JSON); no tensor is read."""
-    if len(data) < 8:
-        raise BadArtifact("artifact is truncated")
-    length = int.from_bytes(data[:8], "little")
-    if length > len(data) - 8:
-        raise BadArtifact("artifact header is truncated")
+    """The metadata alone, from the checked header; no tensor is read."""
     try:
-        header = json.loads(data[8:8 + length])
-    except ValueError as exc:
-        raise BadArtifact(f"artifact header is not JSON: {exc}") from exc
-    return ArtifactMeta.from_header(header.get("__metadata__") or {})
+        header = artifact_format.read_header(data)
+    except artifact_format.FormatError as exc:
+        raise BadArtifact(str(exc)) from exc
+    return ArtifactMeta.from_header(header.metadata)
 
 
 def deserialize(data: bytes, *, backbone_fingerprint: str | None = None) -> tuple[PrefixTensors, ArtifactMeta]:

@@ -7,6 +7,7 @@ import pytest
 
 from prefixfleet.registry import IntegrityError, UserKey
 from prefixfleet.registry.header import identity, read_header
+from prefixfleet.workers.spec import PrefixSpec
 from tests.fixtures.artifacts import DEFAULT_SPEC, make_artifact
 
 
@@ -57,3 +58,7 @@ def test_identity_ignores_spec_formatting_but_not_content():
     assert identity("d", spec, "b") == identity("d", reordered, "b")
     assert identity("d", spec, "b") != identity("d", json.dumps({**DEFAULT_SPEC, "num_virtual_tokens": 9}), "b")
     assert identity("d", spec, "b") != identity("d2", spec, "b") != identity("d", spec, "b2")
+
+
+def test_the_registry_tests_use_a_spec_the_product_accepts():
+    assert PrefixSpec.from_dict(DEFAULT_SPEC).to_dict() == DEFAULT_SPEC
