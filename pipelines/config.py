@@ -5,8 +5,6 @@ import logging
 import os
 from pathlib import Path
 
-import ray
-
 DEFAULT_HOME = Path.home() / ".prefixfleet"
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # prefixes and examples are small; leave memory to training
 
@@ -30,6 +28,8 @@ def connect_ray(address: str | None = None) -> bool:
     Returns True when Ray runs locally. An already initialized Ray (a test session, a driver
     started by `ray job submit`) is used as it is.
     """
+    import ray  # here, not at the top: commands that never touch Ray start without it
+
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return not address

@@ -10,11 +10,8 @@ import typer
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
-from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
-from prefixfleet.workers.backbone import load_backbone
+from prefixfleet.workers import artifact_format
 from prefixfleet.workers.errors import WorkerError
-from prefixfleet.workers.peft_interop import WEIGHTS_FILE, export_peft, import_peft, read_peft_config
-from prefixfleet.workers.tiny import build_backbone
 
 
 @app.command("init-backbone")
@@ -24,6 +21,8 @@ def init_backbone(
     seed: Annotated[int, typer.Option(help="Seed of the random init.")] = 0,
 ) -> None:
     """Build a small random-init backbone + byte-level tokenizer (save_pretrained layout)."""
+    from prefixfleet.workers.tiny import build_backbone
+
     try:
         path = build_backbone(directory, family, seed=seed)
     except WorkerError as exc:
@@ -43,12 +42,16 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Write a user's prefix as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
+    from prefixfleet.workers.artifact import deserialize
+    from prefixfleet.workers.backbone import load_backbone
+    from prefixfleet.workers.peft_interop import export_peft
+
     if fmt != "peft":
         fail(f"unknown format {fmt!r}; only 'peft' is supported")
     key = user_key(namespace, user)
     with registry_session(home) as registry:
         data = registry.fetch(key, alias)
-    source = backbone or read_meta(data).backbone
+    source = backbone or artifact_format.read_header(data).metadata["backbone"]
     if not source:
         fail(f"the prefix of {namespace}/{user} records no backbone; pass --backbone")
     try:
@@ -72,6 +75,10 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Publish a PEFT adapter made elsewhere as the user's prefix (alias `candidate`)."""
+    from prefixfleet.workers.artifact import ArtifactMeta, serialize
+    from prefixfleet.workers.backbone import load_backbone
+    from prefixfleet.workers.peft_interop import WEIGHTS_FILE, import_peft, read_peft_config
+
     try:
         base = backbone or read_peft_config(directory).get("base_model_name_or_path")
         if not base:

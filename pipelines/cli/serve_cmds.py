@@ -1,27 +1,32 @@
-"""`serve` (HTTP, in-process or on Ray Serve) and `generate` (one request, no server)."""
+"""`serve` (HTTP, in-process or on Ray Serve) and `generate` (one request, no server). torch, the
+serving stack and Ray are imported when one of these commands runs, not when the CLI starts."""
 from __future__ import annotations
 
 import asyncio
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
 from prefixfleet.pipelines.config import home_dir
-from prefixfleet.pipelines.serving import GenerateRequest, InProcessServer, PrefixService, ServeConfig, create_app
 from prefixfleet.registry import IntegrityError, Registry, RegistryError
-from prefixfleet.workers.artifact import read_meta
-from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers import artifact_format
 from prefixfleet.workers.errors import WorkerError
+
+if TYPE_CHECKING:
+    from prefixfleet.pipelines.serving import ServeConfig
+    from prefixfleet.workers.backbone import Backbone
 
 BackboneOption = Annotated[Optional[str], typer.Option(
     "--backbone", help="HF model id or local path of the backbone.")]
 
 
 def _load(name_or_path: str, device: str | None = None) -> Backbone:
+    from prefixfleet.workers.backbone import load_backbone
+
     try:
         return load_backbone(name_or_path, device=device)
     except (OSError, ValueError, WorkerError) as exc:
@@ -55,6 +60,8 @@ def serve(
     home: HomeOption = None,
 ) -> None:
     """HTTP: POST /v1/generate {"user_id", "namespace"?, "prompt", "max_new_tokens"?}; GET /openapi.json, /healthz."""
+    from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
+
     name = _served_backbone(backbone, home)
     config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_delay_ms=max_delay_ms)
     registry = open_registry(home)
@@ -99,10 +106,12 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Generate with the user's production prefix, without a server."""
+    from prefixfleet.pipelines.serving import GenerateRequest, PrefixService, ServeConfig
+
     key = user_key(namespace, user)
     registry = open_registry(home)
     try:
-        recorded = read_meta(registry.fetch(key)).backbone
+        recorded = artifact_format.read_header(registry.fetch(key)).metadata["backbone"]
         if not (backbone or recorded):
             fail(f"the prefix of {key} records no backbone; pass --backbone ID_OR_PATH")
         one_at_a_time = ServeConfig(max_batch_size=1, max_wait_ms=0, max_delay_ms=0)

@@ -1,25 +1,27 @@
-"""`train`, `retrain` and `demo`: training jobs on Ray, published to the registry."""
+"""`train`, `retrain` and `demo`: training jobs on Ray, published to the registry. Ray, torch and
+the job code are imported when one of these commands runs, not when the CLI starts."""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry
 from prefixfleet.pipelines.config import home_dir
-from prefixfleet.pipelines.data import DataError
-from prefixfleet.pipelines.demo import MARGIN, DemoReport, run_demo
 from prefixfleet.pipelines.errors import JobError
-from prefixfleet.pipelines.job import JobRequest, JobSummary, run_job
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from prefixfleet.pipelines.demo import DemoReport
+    from prefixfleet.pipelines.job import JobRequest, JobSummary
 
 DataArg = Annotated[str, typer.Argument(help="JSONL or Parquet file or folder, local or s3://bucket/key.")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or local save_pretrained folder.")]
@@ -49,6 +51,9 @@ def _setup_logging() -> None:
 
 
 def _run(request: JobRequest, home: Optional[Path], as_json: bool) -> JobSummary:
+    from prefixfleet.pipelines.data import DataError
+    from prefixfleet.pipelines.job import run_job
+
     _setup_logging()
     registry = open_registry(home)
     try:
@@ -80,6 +85,8 @@ def _report(summary: JobSummary, as_json: bool) -> None:
 def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
              lr: Optional[float], batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
              address: Optional[str], actors: Optional[int], actor_cpus: float, actor_gpus: float) -> JobRequest:
+    from prefixfleet.pipelines.job import JobRequest
+
     try:
         spec = PrefixSpec(method=method, num_virtual_tokens=virtual_tokens)
         config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size)
@@ -123,6 +130,8 @@ def retrain(
 
 
 def _demo_tables(report: DemoReport) -> tuple[Table, Table]:
+    from rich.table import Table
+
     losses = Table(title="eval loss on each user's held-out examples (lower is better)")
     for column in ("user", "style", "no prefix", "own prefix", "another user's prefix", "whose"):
         losses.add_column(column, justify="right" if "prefix" in column else "left")
@@ -144,6 +153,10 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """End to end on embedded defaults: tiny backbone, synthetic users, Ray training, registry, generation."""
+    from rich.console import Console
+
+    from prefixfleet.pipelines.demo import MARGIN, run_demo
+
     if users < 3:
         fail(f"--users must be at least 3, got {users}", code=2)
     _setup_logging()
