@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 import typer
 
 from prefixfleet.pipelines.cli.app import app
-from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, registry_session, user_key
+from prefixfleet.pipelines.cli.common import (
+    HomeOption,
+    JsonOption,
+    NamespaceOption,
+    emit,
+    fail,
+    needs,
+    registry_session,
+    user_key,
+)
 from prefixfleet.workers import artifact_format
 from prefixfleet.workers.errors import WorkerError
 
@@ -21,7 +30,8 @@ def init_backbone(
     seed: Annotated[int, typer.Option(help="Seed of the random init.")] = 0,
 ) -> None:
     """Build a small random-init backbone + byte-level tokenizer (save_pretrained layout)."""
-    from prefixfleet.workers.tiny import build_backbone
+    with needs("train"):
+        from prefixfleet.workers.tiny import build_backbone
 
     try:
         path = build_backbone(directory, family, seed=seed)
@@ -42,9 +52,10 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Write a user's prefix as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
-    from prefixfleet.workers.artifact import deserialize
-    from prefixfleet.workers.backbone import load_backbone
-    from prefixfleet.workers.peft_interop import export_peft
+    with needs("train"):
+        from prefixfleet.workers.artifact import deserialize
+        from prefixfleet.workers.backbone import load_backbone
+        from prefixfleet.workers.peft_interop import export_peft
 
     if fmt != "peft":
         fail(f"unknown format {fmt!r}; only 'peft' is supported")
@@ -75,9 +86,10 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Publish a PEFT adapter made elsewhere as the user's prefix (alias `candidate`)."""
-    from prefixfleet.workers.artifact import ArtifactMeta, serialize
-    from prefixfleet.workers.backbone import load_backbone
-    from prefixfleet.workers.peft_interop import WEIGHTS_FILE, import_peft, read_peft_config
+    with needs("train"):
+        from prefixfleet.workers.artifact import ArtifactMeta, serialize
+        from prefixfleet.workers.backbone import load_backbone
+        from prefixfleet.workers.peft_interop import WEIGHTS_FILE, import_peft, read_peft_config
 
     try:
         base = backbone or read_peft_config(directory).get("base_model_name_or_path")

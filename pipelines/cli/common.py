@@ -33,6 +33,16 @@ def emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
         typer.echo(text)
 
 
+@contextmanager
+def needs(extra: str) -> Iterator[None]:
+    """Around a command's heavy imports: in an install without `prefixfleet[extra]` the command
+    ends with the line that installs what is missing, not a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        fail(f"this command needs {exc.name!r}, which this install lacks: pip install 'prefixfleet[{extra}]'")
+
+
 def user_key(namespace: str, user: str) -> UserKey:
     try:
         return UserKey(namespace, user)

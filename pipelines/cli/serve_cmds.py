@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from prefixfleet.pipelines.cli.app import app
-from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry, user_key
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, needs, open_registry, user_key
 from prefixfleet.pipelines.config import home_dir
 from prefixfleet.registry import IntegrityError, Registry, RegistryError
 from prefixfleet.workers import artifact_format
@@ -25,7 +25,8 @@ BackboneOption = Annotated[Optional[str], typer.Option(
 
 
 def _load(name_or_path: str, device: str | None = None) -> Backbone:
-    from prefixfleet.workers.backbone import load_backbone
+    with needs("serve"):
+        from prefixfleet.workers.backbone import load_backbone
 
     try:
         return load_backbone(name_or_path, device=device)
@@ -60,7 +61,8 @@ def serve(
     home: HomeOption = None,
 ) -> None:
     """HTTP: POST /v1/generate {"user_id", "namespace"?, "prompt", "max_new_tokens"?}; GET /openapi.json, /healthz."""
-    from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
+    with needs("serve"):
+        from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
 
     name = _served_backbone(backbone, home)
     config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_delay_ms=max_delay_ms)
@@ -81,8 +83,9 @@ def serve(
 
 def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, host: str, port: int,
                   address: str | None, replicas: int, device: str | None) -> None:
-    from prefixfleet.pipelines.config import actor_env, connect_ray
-    from prefixfleet.pipelines.serving import ray_app
+    with needs("serve"):
+        from prefixfleet.pipelines.config import actor_env, connect_ray
+        from prefixfleet.pipelines.serving import ray_app
 
     where = ray_app.RegistryAddress(registry.tracking_uri, registry.store_uri,
                                     os.environ.get("AWS_ENDPOINT_URL") or None, registry.prefix)
@@ -106,7 +109,8 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Generate with the user's production prefix, without a server."""
-    from prefixfleet.pipelines.serving import GenerateRequest, PrefixService, ServeConfig
+    with needs("serve"):
+        from prefixfleet.pipelines.serving import GenerateRequest, PrefixService, ServeConfig
 
     key = user_key(namespace, user)
     registry = open_registry(home)

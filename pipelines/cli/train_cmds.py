@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from prefixfleet.pipelines.cli.app import app
-from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, open_registry
+from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, needs, open_registry
 from prefixfleet.pipelines.config import home_dir
 from prefixfleet.pipelines.errors import JobError
 from prefixfleet.registry.errors import RegistryError
@@ -51,8 +51,9 @@ def _setup_logging() -> None:
 
 
 def _run(request: JobRequest, home: Optional[Path], as_json: bool) -> JobSummary:
-    from prefixfleet.pipelines.data import DataError
-    from prefixfleet.pipelines.job import run_job
+    with needs("train"):
+        from prefixfleet.pipelines.data import DataError
+        from prefixfleet.pipelines.job import run_job
 
     _setup_logging()
     registry = open_registry(home)
@@ -85,7 +86,8 @@ def _report(summary: JobSummary, as_json: bool) -> None:
 def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
              lr: Optional[float], batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
              address: Optional[str], actors: Optional[int], actor_cpus: float, actor_gpus: float) -> JobRequest:
-    from prefixfleet.pipelines.job import JobRequest
+    with needs("train"):
+        from prefixfleet.pipelines.job import JobRequest
 
     try:
         spec = PrefixSpec(method=method, num_virtual_tokens=virtual_tokens)
@@ -155,7 +157,8 @@ def demo(
     """End to end on embedded defaults: tiny backbone, synthetic users, Ray training, registry, generation."""
     from rich.console import Console
 
-    from prefixfleet.pipelines.demo import MARGIN, run_demo
+    with needs("train"):
+        from prefixfleet.pipelines.demo import MARGIN, run_demo
 
     if users < 3:
         fail(f"--users must be at least 3, got {users}", code=2)
