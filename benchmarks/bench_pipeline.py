@@ -31,11 +31,11 @@ from pathlib import Path
 
 import ray
 
-from prefixfleet.pipelines.actors import JobContext, RegistryConfig, UserTrainer
+from prefixfleet.pipelines.actors import JobContext, UserTrainer
 from prefixfleet.pipelines.config import actor_env, connect_ray
 from prefixfleet.pipelines.job import JobRequest, run_job, start_fleet
 from prefixfleet.pipelines.plan import UserTask
-from prefixfleet.registry import Registry
+from prefixfleet.registry import Registry, RegistryAddress
 from prefixfleet.workers.data import Example, data_fingerprint
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.synthetic import dataset, user_id, user_rows
@@ -98,7 +98,7 @@ def peft_loop(backbone: str, users: list[int], examples: int, config: TrainConfi
     return time.perf_counter() - started
 
 
-def naive_user(backbone: str, registry: RegistryConfig, task: UserTask, context: JobContext) -> str:
+def naive_user(backbone: str, registry: RegistryAddress, task: UserTask, context: JobContext) -> str:
     """The naive way: this task loads the backbone, trains one user alone and publishes it."""
     trainer = UserTrainer(backbone, registry)
     try:
@@ -118,7 +118,7 @@ def run_naive(backbone: str, registry: Registry, users: list[int], examples: int
         train = tuple(examples_of(i, examples))
         tasks.append(UserTask(namespace, user_id(i), train, (), data_fingerprint(train), PrefixSpec()))
     started = time.perf_counter()
-    statuses = ray.get([naive.options(**env).remote(backbone, RegistryConfig.of(registry), t, context) for t in tasks])
+    statuses = ray.get([naive.options(**env).remote(backbone, registry.address, t, context) for t in tasks])
     elapsed = time.perf_counter() - started
     assert statuses == ["trained"] * len(tasks), statuses
     return elapsed

@@ -20,7 +20,7 @@ import ray
 
 from prefixfleet.pipelines.gate import judge
 from prefixfleet.pipelines.plan import UserTask
-from prefixfleet.registry import NotFound, Registry, VersionRef
+from prefixfleet.registry import NotFound, RegistryAddress, VersionRef
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
 from prefixfleet.workers.backbone import load_backbone, weights_checksum
@@ -31,24 +31,6 @@ from prefixfleet.workers.trainer import UserJob, UserResult, evaluate, prepare, 
 
 PUBLISH_THREADS = 4
 GATED_AGAINST = "gated_against"  # version tag: the production version a candidate was judged against
-
-
-@dataclass(frozen=True)
-class RegistryConfig:
-    """Enough to open the same registry inside an actor."""
-
-    tracking_uri: str
-    store_uri: str
-    model_prefix: str = "pf"
-    s3_endpoint_url: str | None = None
-
-    @classmethod
-    def of(cls, registry: Registry) -> RegistryConfig:
-        return cls(registry.tracking_uri, registry.store_uri, registry.prefix, registry.s3_endpoint_url)
-
-    def open(self) -> Registry:
-        return Registry(self.tracking_uri, self.store_uri, model_prefix=self.model_prefix,
-                        s3_endpoint_url=self.s3_endpoint_url)
 
 
 @dataclass(frozen=True)
@@ -91,7 +73,7 @@ def failed(task: UserTask, reason: str) -> Outcome:
 class UserTrainer:
     """Plain class; `TrainerActor` below is its Ray actor. One instance per process."""
 
-    def __init__(self, backbone: str, registry: RegistryConfig, device: str | None = None) -> None:
+    def __init__(self, backbone: str, registry: RegistryAddress, device: str | None = None) -> None:
         self.backbone = load_backbone(backbone, device=device)
         self.checksum = weights_checksum(self.backbone.model)
         self.registry = registry.open()
@@ -172,9 +154,8 @@ class UserTrainer:
 
     def _production(self, task: UserTask) -> VersionRef | None:
         """Production as it is now (not a cached resolution)."""
-        self.registry.invalidate(task.key)
         try:
-            return self.registry.resolve(task.key, "production")
+            return self.registry.resolve(task.key, "production", fresh=True)
         except NotFound:
             return None
 

@@ -1,11 +1,9 @@
-"""Where things are: the home folder of the embedded defaults, and the Ray cluster to use."""
+"""The Ray cluster to use, and what its trainer actors need from this environment."""
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-DEFAULT_HOME = Path.home() / ".prefixfleet"
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # prefixes and examples are small; leave memory to training
 
 # Variables a trainer actor needs to reach the registry's servers. On local Ray they are forwarded
@@ -15,11 +13,6 @@ ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_D
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-
-
-def home_dir(home: Path | None = None) -> Path:
-    """--home, else PREFIXFLEET_HOME, else ~/.prefixfleet."""
-    return Path(home or os.environ.get("PREFIXFLEET_HOME") or DEFAULT_HOME).expanduser()
 
 
 def connect_ray(address: str | None = None) -> bool:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from prefixfleet.pipelines.actors import JobContext, Outcome, RegistryConfig, TrainerActor, failed
+from prefixfleet.pipelines.actors import JobContext, Outcome, TrainerActor, failed
 from prefixfleet.pipelines.errors import JobError
 from prefixfleet.pipelines.plan import UserTask
+from prefixfleet.registry import RegistryAddress
 
 QUEUED_PER_ACTOR = 2
 POLL_SECONDS = 1.0
@@ -57,7 +58,7 @@ def _short(exc: BaseException) -> str:
 class Fleet:
     """Trainer actors for one job. Use as a context manager: actors are killed on exit."""
 
-    def __init__(self, backbone: str, registry: RegistryConfig, *, actors: int, cpus: float = 1.0,
+    def __init__(self, backbone: str, registry: RegistryAddress, *, actors: int, cpus: float = 1.0,
                  gpus: float = 0.0, env: dict[str, str] | None = None) -> None:
         self.backbone, self.registry = backbone, registry
         token = uuid.uuid4().hex[:8]

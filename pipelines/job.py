@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefixfleet.pipelines.actors import JobContext, Outcome, RegistryConfig
+from prefixfleet.pipelines.actors import JobContext, Outcome
 from prefixfleet.pipelines.config import actor_env, connect_ray
 from prefixfleet.pipelines.data import DataError, TrainingData, read_data
 from prefixfleet.pipelines.errors import JobError
@@ -120,7 +120,7 @@ def start_fleet(request: JobRequest, registry: Registry, users: int) -> Fleet:
         log.warning("the registry (%s) is on this machine: trainer actors on other nodes cannot reach it; "
                     "set MLFLOW_TRACKING_URI and PREFIXFLEET_STORE to shared servers", registry.tracking_uri)
     count = request.actors or actor_count(max(1, users), request.actor_cpus, request.actor_gpus)
-    return Fleet(backbone_id(request.backbone), RegistryConfig.of(registry), actors=count, cpus=request.actor_cpus,
+    return Fleet(backbone_id(request.backbone), registry.address, actors=count, cpus=request.actor_cpus,
                  gpus=request.actor_gpus, env=actor_env(local))
 
 
@@ -142,7 +142,7 @@ def run_job(request: JobRequest, registry: Registry, home: Path, fleet: Fleet | 
 
 def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData, fleet: Fleet,
          started: float) -> JobSummary:
-    if (fleet.backbone, fleet.registry) != (backbone_id(request.backbone), RegistryConfig.of(registry)):
+    if (fleet.backbone, fleet.registry) != (backbone_id(request.backbone), registry.address):
         raise JobError("the trainer actors were started for another backbone or registry")
     fingerprint = fleet.fingerprint()
     isolated = request.mode == "isolated"

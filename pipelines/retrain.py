@@ -18,9 +18,8 @@ def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, confi
 
     def decide(user: UserData, fingerprint: str) -> UserTask | Skip | Failure:
         key = UserKey(user.namespace, user.user_id)
-        registry.invalidate(key)  # plan on what production is now, not on a cached resolution
-        try:
-            production: VersionRef | None = registry.resolve(key, "production")
+        try:  # plan on what production is now, not on a cached resolution
+            production: VersionRef | None = registry.resolve(key, "production", fresh=True)
         except NotFound:
             production = None
         if production is not None and production.backbone_fingerprint == backbone_fingerprint \

@@ -1,11 +1,12 @@
 """Per-user prefix registry on MLflow + an object store (file:// or s3://). Needs no torch."""
 from prefixfleet.registry.errors import IntegrityError, InvalidUserKey, NotFound, RegistryError
+from prefixfleet.registry.home import home_dir
 from prefixfleet.registry.keys import UserKey
 from prefixfleet.registry.maintenance import Fault, FsckReport, fsck, gc
 from prefixfleet.registry.refs import ForgetReceipt, PublishRequest, VersionRef
-from prefixfleet.registry.registry import Registry
+from prefixfleet.registry.registry import Registry, RegistryAddress
 
 __all__ = [
     "Fault", "ForgetReceipt", "FsckReport", "IntegrityError", "InvalidUserKey", "NotFound",
-    "PublishRequest", "Registry", "RegistryError", "UserKey", "VersionRef", "fsck", "gc",
+    "PublishRequest", "Registry", "RegistryAddress", "RegistryError", "UserKey", "VersionRef", "fsck", "gc", "home_dir",
 ]

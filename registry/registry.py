@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefixfleet.registry import refs
@@ -16,12 +17,28 @@ from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, op
 from prefixfleet.registry.catalog.rest import RestCatalog
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
+from prefixfleet.registry.home import home_dir
 from prefixfleet.registry.keys import UserKey, check_namespace, check_prefix
 from prefixfleet.registry.refs import ForgetReceipt, PublishRequest, VersionRef
 from prefixfleet.registry.store import FileStore, open_store
 
 RECENT = 20  # versions read back after a publish to settle twins and the alias
 _SETTLE_ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class RegistryAddress:
+    """Where a registry is, as plain data that travels to Ray actors and Serve replicas (a Registry
+    holds connections and does not). Credentials come from the environment where it is opened."""
+
+    tracking_uri: str
+    store_uri: str
+    s3_endpoint_url: str | None = None
+    model_prefix: str = "pf"
+
+    def open(self) -> Registry:
+        return Registry(self.tracking_uri, self.store_uri, s3_endpoint_url=self.s3_endpoint_url,
+                        model_prefix=self.model_prefix)
 
 
 class Registry:
@@ -51,11 +68,15 @@ class Registry:
         """MLFLOW_TRACKING_URI, PREFIXFLEET_STORE and AWS_ENDPOINT_URL select real servers; otherwise
         sqlite and a file store under `home` (else $PREFIXFLEET_HOME, else ~/.prefixfleet).
         PREFIXFLEET_MODEL_PREFIX (default "pf") starts every registered-model name."""
-        home = Path(home or os.environ.get("PREFIXFLEET_HOME") or "~/.prefixfleet").expanduser().resolve()
+        home = home_dir(home)
         tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db"
         store = os.environ.get("PREFIXFLEET_STORE") or (home / "store").as_uri()
         return cls(tracking, store, s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
                    model_prefix=os.environ.get("PREFIXFLEET_MODEL_PREFIX") or "pf")
+
+    @property
+    def address(self) -> RegistryAddress:
+        return RegistryAddress(self.tracking_uri, self.store_uri, self.s3_endpoint_url, self.prefix)
 
     def close(self) -> None:
         self._refresher.shutdown(wait=True)
@@ -197,10 +218,14 @@ class Registry:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def resolve(self, key: UserKey, alias: str = refs.PRODUCTION, *, version: int | None = None) -> VersionRef:
-        """The version `alias` points to (or version `version`), served from a short-lived cache."""
+    def resolve(self, key: UserKey, alias: str = refs.PRODUCTION, *, version: int | None = None,
+                fresh: bool = False) -> VersionRef:
+        """The version `alias` points to (or version `version`), served from a short-lived cache;
+        `fresh`: read MLflow now (and refresh the cache), as a decision about production must."""
         name = key.model_name(self.prefix)
         selector: Hashable = version if version is not None else alias
+        if fresh:
+            return self._resolve_now(key, name, selector)
         ref, needs_refresh = self._resolutions.get(name, selector)
         if ref is None:
             return self._resolve_now(key, name, selector)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +12,7 @@ import typer.main
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, emit, fail
 from prefixfleet.pipelines.scheduler import ScheduleError, Scheduler
+from prefixfleet.registry import home_dir
 
 
 def _registered_commands() -> set[str]:
@@ -53,7 +53,7 @@ def schedule(
     if command[0] == "schedule" or command[0] not in _registered_commands():
         fail(f"not a prefixfleet command to schedule: {command[0]!r}", 2)
     try:
-        scheduler = Scheduler(cron=cron, command=command, home=(home or Path.home() / ".prefixfleet").expanduser())
+        scheduler = Scheduler(cron=cron, command=command, home=home_dir(home))
     except ScheduleError as exc:
         fail(str(exc), 2)
 

@@ -11,8 +11,7 @@ import typer
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, needs, open_registry, user_key
-from prefixfleet.pipelines.config import home_dir
-from prefixfleet.registry import IntegrityError, Registry, RegistryError
+from prefixfleet.registry import IntegrityError, Registry, RegistryError, home_dir
 from prefixfleet.workers import artifact_format
 from prefixfleet.workers.errors import WorkerError
 
@@ -87,8 +86,7 @@ def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, host: str,
         from prefixfleet.pipelines.config import actor_env, connect_ray
         from prefixfleet.pipelines.serving import ray_app
 
-    where = ray_app.RegistryAddress(registry.tracking_uri, registry.store_uri,
-                                    os.environ.get("AWS_ENDPOINT_URL") or None, registry.prefix)
+    where = registry.address
     registry.close()
     local = connect_ray(address)
     application = ray_app.build(name, where, config, replicas=replicas, num_gpus=1 if (device or "").startswith("cuda") else 0,

@@ -11,8 +11,8 @@ import typer
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, needs, open_registry
-from prefixfleet.pipelines.config import home_dir
 from prefixfleet.pipelines.errors import JobError
+from prefixfleet.registry import home_dir
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig

@@ -4,33 +4,16 @@ ours: Serve's `@serve.batch` never puts two model ids into one batch, and its mu
 few models per replica."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
 from prefixfleet.pipelines.serving.http import create_app
 from prefixfleet.pipelines.serving.service import PrefixService, ServeConfig
-from prefixfleet.registry import Registry
+from prefixfleet.registry import RegistryAddress
 from prefixfleet.workers.backbone import load_backbone
 
 APP_NAME = "prefixfleet"
-
-
-@dataclass(frozen=True)
-class RegistryAddress:
-    """Where a replica finds the registry (a Registry object does not travel between processes).
-    Credentials come from the replica's environment."""
-
-    tracking_uri: str
-    store_uri: str
-    s3_endpoint_url: str | None = None
-    model_prefix: str = "pf"
-
-    def open(self) -> Registry:
-        return Registry(self.tracking_uri, self.store_uri, s3_endpoint_url=self.s3_endpoint_url,
-                        model_prefix=self.model_prefix)
 
 
 @serve.ingress()

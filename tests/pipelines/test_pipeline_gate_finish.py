@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixfleet.pipelines.actors import GATED_AGAINST, JobContext, RegistryConfig, UserTrainer
+from prefixfleet.pipelines.actors import GATED_AGAINST, JobContext, UserTrainer
 from prefixfleet.pipelines.plan import UserTask
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.artifact import ArtifactMeta, serialize
@@ -26,7 +26,7 @@ EXAMPLES = tuple(examples_for(2, 16))
 @pytest.fixture
 def trainer(local_env: dict, tmp_path: Path):
     registry = Registry.from_env()
-    trainer = UserTrainer(tiny_backbone(tmp_path / "backbone"), RegistryConfig.of(registry))
+    trainer = UserTrainer(tiny_backbone(tmp_path / "backbone"), registry.address)
     yield trainer
     trainer.close()
     registry.close()

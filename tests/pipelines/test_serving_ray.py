@@ -26,8 +26,7 @@ def ray_serve(local_ray) -> Iterator[None]:
 def test_ray_serve_deployment_answers(ray_serve, local_registry, tmp_path_factory):
     backbone = tiny_backbone(tmp_path_factory)
     users = {f"r{i}": publish_user(local_registry, backbone, f"r{i}", seed=i)[1] for i in range(4)}
-    where = ray_app.RegistryAddress(local_registry.tracking_uri, local_registry.store_uri,
-                                    model_prefix=local_registry.prefix)
+    where = local_registry.address
     port = free_port()
     ray_app.run(ray_app.build(backbone.name_or_path, where, ServeConfig(max_wait_ms=20)), port=port)
 

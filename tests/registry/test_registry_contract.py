@@ -177,6 +177,19 @@ def test_own_writes_are_seen_at_once_and_other_writers_within_twice_the_ttl(regi
         assert reader.resolve(ALICE).version == 2
 
 
+def test_a_fresh_resolve_sees_another_writer_at_once(registry):
+    publish(registry, data="d1")
+    publish(registry, data="d2")
+    registry.promote(ALICE, 1)
+    with Registry(registry.tracking_uri, registry.store_uri, s3_endpoint_url=registry.s3_endpoint_url,
+                  model_prefix=registry.prefix, resolve_ttl=600) as reader:
+        assert reader.resolve(ALICE).version == 1  # now cached for ten minutes
+        registry.promote(ALICE, 2)
+        assert reader.resolve(ALICE).version == 1
+        assert reader.resolve(ALICE, fresh=True).version == 2
+        assert reader.resolve(ALICE).version == 2  # the fresh read refreshed the cache
+
+
 def test_warm_fetches_are_served_from_memory(registry, monkeypatch):
     artifact = make_artifact("default", "alice")
     registry.promote(ALICE, registry.publish(ALICE, artifact).version)
