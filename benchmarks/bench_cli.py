@@ -68,7 +68,7 @@ def main() -> None:
             "prefixfleet get (embedded)": (get, embedded),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for name, (cmd, env) in runs.items():  # warm the file cache once
+        for cmd, env in runs.values():  # warm the file cache once
             wall(cmd, env)
         for _ in range(args.rounds):
             for name, (cmd, env) in runs.items():

@@ -139,9 +139,9 @@ def publish_phase(vanilla: Vanilla, reg: Registry, n_vanilla: int, n_ours: int) 
     v_users = [f"v{run}-{i}" for i in range(n_vanilla)]
     v_data = [artifact(u) for u in v_users]
     t = time.perf_counter()
-    v_lat = [timed(lambda u=u, d=d: vanilla.publish(u, d), 1)[0] for u, d in zip(v_users[:n_vanilla // 2], v_data)]
+    v_lat = [timed(lambda u=u, d=d: vanilla.publish(u, d), 1)[0] for u, d in zip(v_users[:n_vanilla // 2], v_data, strict=False)]
     v_serial_rate = len(v_lat) / (time.perf_counter() - t)
-    rest = list(zip(v_users[n_vanilla // 2:], v_data[n_vanilla // 2:]))
+    rest = list(zip(v_users[n_vanilla // 2:], v_data[n_vanilla // 2:], strict=True))
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda p: vanilla.publish(*p), rest))
@@ -167,13 +167,15 @@ def publish_phase(vanilla: Vanilla, reg: Registry, n_vanilla: int, n_ours: int) 
 
 def lookup_phase(vanilla: Vanilla, reg: Registry, keys: list[UserKey], n: int, label: str) -> list[Row]:
     v_users = vanilla.users
-    v_cold = [timed(lambda u=v_users[i % len(v_users)]: vanilla.fetch(u), 1)[0] for i in range(min(n, 150))]
+    users, count = v_users, len(v_users)
+    v_cold = [timed(lambda u=users[i % count]: vanilla.fetch(u), 1)[0] for i in range(min(n, 150))]
 
     def cold(key: UserKey) -> bytes:
         reg.invalidate(key)
         return reg.fetch(key, "candidate")
 
-    o_cold = [timed(lambda k=keys[i % len(keys)]: cold(k), 1)[0] for i in range(n)]
+    key_count = len(keys)
+    o_cold = [timed(lambda k=keys[i % key_count]: cold(k), 1)[0] for i in range(n)]
     refs = [reg.resolve(k, "candidate") for k in keys[:50]]
     mlflow_part = timed(lambda: reg.catalog.get_version_by_alias(keys[0].model_name(reg.prefix), "candidate"), 100)
     s3_part = [timed(lambda r=r: reg.store.get(r.key.object_key(r.sha256)), 1)[0] for r in refs * 2]

@@ -104,7 +104,7 @@ def main() -> None:
         start = time.perf_counter()
         peft_loss.append(peft_train_user(backbone, examples, config))
         peft_s.append(time.perf_counter() - start)
-    print("\n1. single user (mean over %d users)" % args.single_users)
+    print(f"\n1. single user (mean over {args.single_users} users)")
     print(f"   {'':8} {'s/user':>8} {'eval loss':>10}")
     print(f"   {'ours':8} {statistics.mean(ours_s):8.3f} {statistics.mean(ours_loss):10.4f}")
     print(f"   {'PEFT':8} {statistics.mean(peft_s):8.3f} {statistics.mean(peft_loss):10.4f}")
@@ -126,7 +126,7 @@ def main() -> None:
     rate = lambda seconds, users: 3600 * users / seconds  # noqa: E731
     print(f"\n2. {args.users} users x {args.examples} examples, {args.steps} steps each")
     print(f"   {'':22} {'users/hour':>11} {'mean eval loss':>15} {'vs PEFT loop':>13}")
-    print(f"   {'ours packed (%d)' % args.pack:22} {rate(packed_s, args.users):11.0f} "
+    print(f"   {f'ours packed ({args.pack})':22} {rate(packed_s, args.users):11.0f} "
           f"{statistics.mean(r.eval_loss for r in packed):15.4f} {loop_s / packed_s:12.2f}x")
     print(f"   {'PEFT loop':22} {rate(loop_s, args.users):11.0f} {statistics.mean(loop_losses):15.4f} {1:12.2f}x")
     print(f"   {'naive processes':22} {3600 / naive_per_user:11.0f} {'':>15} {loop_s / args.users / naive_per_user:12.2f}x"

@@ -132,7 +132,7 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
             if version not in live:
                 if repair:
                     try:
-                        retrying(lambda: reg.catalog.delete_alias(name, alias))
+                        retrying(lambda name=name, alias=alias: reg.catalog.delete_alias(name, alias))
                     except Missing:
                         pass
                 report.faults.append(Fault("dangling_alias", name, f"alias {alias!r} names missing version {version}",

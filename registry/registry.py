@@ -206,7 +206,7 @@ class Registry:
                           and not (lost and v.version == mine.version)), default=None)
             if wanted is None or wanted == written:
                 break
-            retrying(lambda: self.catalog.set_alias(name, alias, wanted))
+            retrying(lambda wanted=wanted: self.catalog.set_alias(name, alias, wanted))
             written = wanted
         kept = kept or mine
         if kept.version != mine.version:
@@ -282,7 +282,7 @@ class Registry:
         pattern = f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
         token: str | None = None
         while True:
-            page, token = retrying(lambda: self.catalog.search_models(pattern, token))
+            page, token = retrying(lambda token=token: self.catalog.search_models(pattern, token))
             for m in page:
                 key = UserKey.from_model_name(m.name, self.prefix)
                 if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
@@ -294,7 +294,7 @@ class Registry:
         """Every live version record of a registered model, newest first."""
         token: str | None = None
         while True:
-            page, token = retrying(lambda: self.catalog.search_versions(
+            page, token = retrying(lambda token=token: self.catalog.search_versions(
                 f"name = '{name}'", order_by="version_number DESC", max_results=1000, page_token=token))
             yield from page
             if not token:

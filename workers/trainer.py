@@ -200,7 +200,7 @@ def _train_group(backbone: Backbone, jobs: Sequence[UserJob], queue: deque, pack
         finite = torch.isfinite(per_user)
         if finite.any():  # a non-finite user is left out whole: nothing of it reaches the others
             per_user[finite].sum().backward()
-        for index, slot, loss in zip(indices, slots, per_user.detach()):
+        for index, slot, loss in zip(indices, slots, per_user.detach(), strict=True):
             failure = slot.apply(loss)
             if failure is not None:
                 log.warning("%s", failure)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,7 +47,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="Only `peft` for now.")] = "peft",
     namespace: NamespaceOption = "default",
     alias: Annotated[str, typer.Option(help="Which version: an alias.")] = "production",
-    backbone: Annotated[Optional[str], typer.Option(help="Defaults to the one recorded with the prefix.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Defaults to the one recorded with the prefix.")] = None,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -80,7 +80,7 @@ def import_(
     directory: Annotated[Path, typer.Argument(help="A PEFT prefix- or prompt-tuning adapter directory.")],
     user: Annotated[str, typer.Option("--user", help="The user it belongs to.")],
     namespace: NamespaceOption = "default",
-    backbone: Annotated[Optional[str], typer.Option(help="Defaults to the adapter's base_model_name_or_path.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Defaults to the adapter's base_model_name_or_path.")] = None,
     promote: Annotated[bool, typer.Option(help="Also make it the production version.")] = False,
     home: HomeOption = None,
     as_json: JsonOption = False,

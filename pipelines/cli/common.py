@@ -6,14 +6,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.registry.errors import IntegrityError, RegistryError
 
-HomeOption = Annotated[Optional[Path], typer.Option(
+HomeOption = Annotated[Path | None, typer.Option(
     "--home", envvar="PREFIXFLEET_HOME", help="Holds the embedded MLflow database and file store (default ~/.prefixfleet).")]
 NamespaceOption = Annotated[str, typer.Option("--namespace", help="Tenant namespace.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,8 +18,8 @@ def get(
     user: UserArgument,
     namespace: NamespaceOption = "default",
     alias: Annotated[str, typer.Option(help="Which version: an alias.")] = "production",
-    version: Annotated[Optional[int], typer.Option(help="Which version: a number (overrides --alias).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the verified artifact bytes here.")] = None,
+    version: Annotated[int | None, typer.Option(help="Which version: a number (overrides --alias).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the verified artifact bytes here.")] = None,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from prefixfleet.pipelines.serving import ServeConfig
     from prefixfleet.workers.backbone import Backbone
 
-BackboneOption = Annotated[Optional[str], typer.Option(
+BackboneOption = Annotated[str | None, typer.Option(
     "--backbone", help="HF model id or local path of the backbone.")]
 
 
@@ -51,9 +51,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     use_ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of in-process.")] = False,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local).")] = None,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each with its own backbone.")] = 1,
-    device: Annotated[Optional[str], typer.Option(help="torch device for the backbone (cpu, cuda, …).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device for the backbone (cpu, cuda, …).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="A batch closes after this long without a new request…")] = 5.0,
     max_delay_ms: Annotated[float, typer.Option(help="… or this long after its first request.")] = 25.0,
@@ -101,7 +101,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
     namespace: NamespaceOption = "default",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 32,
-    backbone: Annotated[Optional[str], typer.Option(
+    backbone: Annotated[str | None, typer.Option(
         "--backbone", help="Defaults to the backbone recorded with the prefix; its fingerprint must match.")] = None,
     home: HomeOption = None,
     as_json: JsonOption = False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -28,15 +28,15 @@ BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or loc
 MethodOpt = Annotated[str, typer.Option("--method", help="prefix | ptuning-v2 | prompt")]
 TokensOpt = Annotated[int, typer.Option("--virtual-tokens", help="Prefix length.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps per user.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: per method).")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default: per method).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per user per step.")]
 ModeOpt = Annotated[str, typer.Option(
     "--mode", help="packed: many users share each batch; isolated: one user per call.")]
 PackOpt = Annotated[int, typer.Option("--pack-size", help="Users trained together in one batch (packed mode).")]
 SkipOpt = Annotated[bool, typer.Option("--skip-bad-rows", help="Report bad rows and train on the rest.")]
-AddressOpt = Annotated[Optional[str], typer.Option(
+AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray).")]
-ActorsOpt = Annotated[Optional[int], typer.Option("--actors", help="Trainer actors (default: as many as fit).")]
+ActorsOpt = Annotated[int | None, typer.Option("--actors", help="Trainer actors (default: as many as fit).")]
 CpusOpt = Annotated[float, typer.Option("--actor-cpus", help="CPUs per trainer actor.")]
 GpusOpt = Annotated[float, typer.Option("--actor-gpus", help="GPUs per trainer actor; fractions share a GPU.")]
 
@@ -50,7 +50,7 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
-def _run(request: JobRequest, home: Optional[Path], as_json: bool) -> JobSummary:
+def _run(request: JobRequest, home: Path | None, as_json: bool) -> JobSummary:
     with needs("train"):
         from prefixfleet.pipelines.data import DataError
         from prefixfleet.pipelines.job import run_job
@@ -84,8 +84,8 @@ def _report(summary: JobSummary, as_json: bool) -> None:
 
 
 def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
-             lr: Optional[float], batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
-             address: Optional[str], actors: Optional[int], actor_cpus: float, actor_gpus: float) -> JobRequest:
+             lr: float | None, batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
+             address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float) -> JobRequest:
     with needs("train"):
         from prefixfleet.pipelines.job import JobRequest
 

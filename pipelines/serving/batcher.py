@@ -143,5 +143,5 @@ class Batcher:
             return
         self.batches += 1
         users = len({(r.prefix.ref.namespace, r.prefix.ref.user_id) for r in rows})
-        for r, row in zip(rows, ids):
+        for r, row in zip(rows, ids, strict=True):
             r.future.set_result(Generated(row, len(rows), users))

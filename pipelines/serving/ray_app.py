@@ -25,11 +25,12 @@ class PrefixFleetReplica:
         return create_app(self.service)
 
 
-def build(backbone: str, registry: RegistryAddress, config: ServeConfig = ServeConfig(), *,
+def build(backbone: str, registry: RegistryAddress, config: ServeConfig | None = None, *,
           replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, device: str | None = None,
           env: dict[str, str] | None = None) -> Application:
     """The application to `serve.run`; each replica may take up to 4 batches' worth of requests so
     that the batcher sees many users at once."""
+    config = config or ServeConfig()
     deployment = serve.deployment(
         PrefixFleetReplica, name=APP_NAME, num_replicas=replicas,
         max_ongoing_requests=4 * config.max_batch_size,

@@ -49,13 +49,13 @@ def test_different_users_share_one_forward_pass(backbone, forward_passes):
     prefixes = [served(f"u{i}", random_prefix(backbone, i)) for i in range(len(PROMPTS))]
     batcher = Batcher(backbone, max_batch_size=8, max_wait_ms=500, max_delay_ms=2000)
     try:
-        futures = [batcher.submit(p, q, GREEDY) for p, q in zip(prefixes, PROMPTS)]
+        futures = [batcher.submit(p, q, GREEDY) for p, q in zip(prefixes, PROMPTS, strict=True)]
         results = [f.result(timeout=60) for f in futures]
     finally:
         batcher.close()
     assert forward_passes == [len(PROMPTS)]
     assert {(r.batch_size, r.users_in_batch) for r in results} == {(len(PROMPTS), len(PROMPTS))}
-    for p, q, r in zip(prefixes, PROMPTS, results):
+    for p, q, r in zip(prefixes, PROMPTS, results, strict=True):
         assert r.token_ids == generate_ids(backbone, [p.tensors], [q], max_new_tokens=NEW_TOKENS)[0]
 
 

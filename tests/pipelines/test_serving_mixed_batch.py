@@ -42,7 +42,7 @@ def user_prefixes(backbone: Backbone, spec: PrefixSpec, users: int) -> list[Pref
 
 
 def alone(backbone: Backbone, prefixes: list[PrefixTensors], prompts: tuple[str, ...]) -> list[list[int]]:
-    return [generate_ids(backbone, [p], [q], max_new_tokens=NEW_TOKENS)[0] for p, q in zip(prefixes, prompts)]
+    return [generate_ids(backbone, [p], [q], max_new_tokens=NEW_TOKENS)[0] for p, q in zip(prefixes, prompts, strict=True)]
 
 
 @pytest.mark.parametrize("method", METHODS)

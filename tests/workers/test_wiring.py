@@ -39,7 +39,7 @@ def test_greedy_generation_equals_the_argmax_training_scores(backbones, family, 
     backbone = backbones[family]
     tensors = _prefix(backbone, method, seed=4)
     outputs = generate_ids(backbone, [tensors] * len(PROMPTS), PROMPTS, max_new_tokens=6)
-    for prompt, generated in zip(PROMPTS, outputs):
+    for prompt, generated in zip(PROMPTS, outputs, strict=True):
         batch = _teacher_forced(backbone, prompt, generated)
         with torch.no_grad():
             scores = logits(backbone, batch, {k: v.unsqueeze(0) for k, v in tensors.items()})[0]
