@@ -48,8 +48,9 @@ endef
 
 lock:
 	$(call newest_venv,.venv-lock)
-	{ echo "# Exact versions for make install (Linux x86_64, CPython 3.11). torch is left out on"; \
-	  echo "# purpose: the Makefile installs $(TORCH) (CPU) first. Regenerate with make lock."; \
+	{ echo "# Exact versions for make install (Linux x86_64, CPython 3.11): the dev extra, which is"; \
+	  echo "# train + serve + the test tools. torch is left out on purpose: the Makefile installs"; \
+	  echo "# $(TORCH) (CPU) first. Regenerate with make lock."; \
 	  .venv-lock/bin/python -m pip freeze --all --exclude-editable --exclude pip --exclude torch \
 	    --exclude prefixfleet; } > $(LOCK)
 	rm -rf .venv-lock
