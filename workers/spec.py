@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any
 
 from prefixfleet.workers.errors import WorkerError
 
-Method = Literal["prefix", "ptuning-v2", "prompt"]
 METHODS: tuple[str, ...] = ("prefix", "ptuning-v2", "prompt")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
@@ -40,11 +39,6 @@ class PrefixSpec:
             raise WorkerError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.init_text is not None and not self.init_text.strip():
             raise WorkerError("init_text is empty; leave it unset for random init")
-
-    @property
-    def is_deep(self) -> bool:
-        """True when the prefix reaches every layer's keys/values (prefix, ptuning-v2)."""
-        return self.method != "prompt"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -96,15 +96,26 @@ def test_plain_objects_match_the_kubernetes_schema(name: str, doc: dict[str, Any
     kubernetes_validate.validate(doc, version, strict=True)
 
 
+def test_every_ray_object_defines_a_cluster_or_selects_one() -> None:
+    for name, doc in RAY:
+        job = doc["spec"].get("jobTemplate", doc["spec"])
+        assert list(_cluster_specs(doc)) or "clusterSelector" in job, name
+    assert CLUSTERS, "no ray.io object defines a cluster: the pod-template check below would check nothing"
+
+
+CLUSTERS = [(name, doc) for name, doc in RAY if list(_cluster_specs(doc))]
+
+
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-@pytest.mark.parametrize("name,doc", RAY, ids=[f"{n}:{d['kind']}" for n, d in RAY])
+@pytest.mark.parametrize("name,doc", CLUSTERS, ids=[f"{n}:{d['kind']}" for n, d in CLUSTERS])
 def test_pod_templates_inside_ray_objects_match_the_kubernetes_schema(
     name: str, doc: dict[str, Any], version: str
 ) -> None:
-    for cluster in _cluster_specs(doc):
-        for group, template in _pod_templates(cluster):
-            wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
-            kubernetes_validate.validate(wrapped, version, strict=True)
+    templates = [item for cluster in _cluster_specs(doc) for item in _pod_templates(cluster)]
+    assert [group for group, _ in templates][:1] == ["head"] and len(templates) >= 2  # head + a worker group
+    for group, template in templates:
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
+        kubernetes_validate.validate(wrapped, version, strict=True)
 
 
 def test_a_broken_pod_template_is_caught() -> None:

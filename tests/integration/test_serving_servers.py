@@ -11,7 +11,7 @@ import pytest
 
 from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
 from prefixfleet.registry import Registry
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, each_alone, publish_user, tiny_backbone
 
 pytestmark = pytest.mark.servers
 
@@ -35,7 +35,7 @@ def test_serving_from_the_real_servers(make_server_registry, s3_endpoint, tmp_pa
             jobs = [(user, PROMPTS[i % len(PROMPTS)]) for i, user in enumerate(users)]
             with ThreadPoolExecutor(len(jobs)) as pool:
                 texts = [body["text"] for body in pool.map(lambda job: ask(*job), jobs)]
-            assert texts == [alone(backbone, tensors[u], p) for u, p in jobs]
+            assert texts == each_alone(backbone, tensors, jobs)
 
             ref, new = publish_user(other, backbone, "s0", seed=100)
             deadline = time.monotonic() + 15

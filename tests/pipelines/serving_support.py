@@ -44,3 +44,10 @@ def publish_user(registry: Registry, backbone: Backbone, user: str, *, seed: int
 
 def alone(backbone: Backbone, tensors: PrefixTensors, prompt: str, max_new_tokens: int = NEW_TOKENS) -> str:
     return generate(backbone, [tensors], [prompt], max_new_tokens=max_new_tokens)[0]
+
+
+def each_alone(backbone: Backbone, tensors: dict[str, PrefixTensors], jobs: list[tuple[str, str]]) -> list[str]:
+    """What each (user, prompt) of `jobs` gets alone, once it is checked that the users' prefixes
+    answer one prompt differently: a row served another user's prefix could not pass unseen."""
+    assert len({alone(backbone, t, jobs[0][1]) for t in tensors.values()}) > 1
+    return [alone(backbone, tensors[user], prompt) for user, prompt in jobs]

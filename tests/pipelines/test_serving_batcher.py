@@ -57,6 +57,9 @@ def test_different_users_share_one_forward_pass(backbone, forward_passes):
     assert {(r.batch_size, r.users_in_batch) for r in results} == {(len(PROMPTS), len(PROMPTS))}
     for p, q, r in zip(prefixes, PROMPTS, results, strict=True):
         assert r.token_ids == generate_ids(backbone, [p.tensors], [q], max_new_tokens=NEW_TOKENS)[0]
+    # user 0's prefix answers the others' prompts differently: a row served the wrong prefix would show
+    borrowed = [generate_ids(backbone, [prefixes[0].tensors], [q], max_new_tokens=NEW_TOKENS)[0] for q in PROMPTS[1:]]
+    assert borrowed != [r.token_ids for r in results[1:]]
 
 
 def test_layouts_and_parameters_that_differ_run_apart(backbone, forward_passes):

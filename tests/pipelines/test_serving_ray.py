@@ -10,7 +10,7 @@ import pytest
 
 from prefixfleet.pipelines.serving import ServeConfig, ray_app
 from tests.fixtures.servers import free_port
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, each_alone, publish_user, tiny_backbone
 
 pytestmark = pytest.mark.ray
 
@@ -38,6 +38,6 @@ def test_ray_serve_deployment_answers(ray_serve, local_registry, tmp_path_factor
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: ask(*job), jobs))
     assert [r.status_code for r in responses] == [200] * len(jobs)
-    assert [r.json()["text"] for r in responses] == [alone(backbone, users[u], p) for u, p in jobs]
+    assert [r.json()["text"] for r in responses] == each_alone(backbone, users, jobs)
     missing = ask("nobody", "hi")
     assert (missing.status_code, missing.json()["detail"]) == (404, "no prefix for user 'nobody' in namespace 'default'")

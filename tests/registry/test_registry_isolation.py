@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from prefixfleet.registry import IntegrityError, UserKey
+from prefixfleet.registry import IntegrityError, NotFound, UserKey
 from prefixfleet.registry.refs import SHA256, SIZE
 from tests.fixtures.artifacts import make_artifact
 from tests.fixtures.tamper import database_of, overwrite, set_version_source, set_version_tag
@@ -83,7 +83,7 @@ def test_namespaces_never_see_each_others_users(registry):
     a, b = UserKey("team-a", "alice"), UserKey("team-b", "alice")
     registry.promote(a, registry.publish(a, make_artifact("team-a", "alice", seed=1)).version)
     assert list(registry.list_users("team-b")) == []
-    with pytest.raises(Exception, match="no prefix for user 'alice' in namespace 'team-b'"):
+    with pytest.raises(NotFound, match="no prefix for user 'alice' in namespace 'team-b'"):
         registry.resolve(b)
     registry.promote(b, registry.publish(b, make_artifact("team-b", "alice", seed=2)).version)
     assert registry.resolve(a).sha256 != registry.resolve(b).sha256

@@ -7,7 +7,8 @@ import torch
 
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
 from prefixfleet.workers.backbone import weights_checksum
-from prefixfleet.workers.data import data_fingerprint
+from prefixfleet.workers.data import collate, data_fingerprint, encode
+from prefixfleet.workers.forward import logits
 from prefixfleet.workers.generate import generate
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
 from prefixfleet.workers.trainer import UserJob, train_user
@@ -38,10 +39,16 @@ def test_method_trains_generates_and_round_trips(backbones, family, method):
     for name in tensors:
         assert torch.equal(tensors[name], result.tensors[name])
 
-    greedy = generate(backbone, [tensors], ["order 3 kite for Bo\n"], max_new_tokens=8)
-    sampled = generate(backbone, [tensors], ["order 3 kite for Bo\n"], max_new_tokens=8, do_sample=True, seed=0)
-    assert isinstance(greedy[0], str) and isinstance(sampled[0], str)
-    assert greedy == generate(backbone, [tensors], ["order 3 kite for Bo\n"], max_new_tokens=8)
+    prompt = ["order 3 kite for Bo\n"]
+    greedy = generate(backbone, [tensors], prompt, max_new_tokens=8)
+    # the trained prefix changes what the model predicts (greedy text may still agree on a tiny model)
+    batch = collate(backbone, encode(backbone, examples[:2], user="alice", limit=64))
+    with torch.no_grad():
+        rows = {k: v.unsqueeze(0).expand(batch.size, *v.shape) for k, v in tensors.items()}
+        assert not torch.allclose(logits(backbone, batch, rows), logits(backbone, batch, None), atol=1e-3)
+    assert greedy == generate(backbone, [tensors], prompt, max_new_tokens=8)
+    sampled = generate(backbone, [tensors], prompt, max_new_tokens=8, do_sample=True, seed=0)
+    assert sampled == generate(backbone, [tensors], prompt, max_new_tokens=8, do_sample=True, seed=0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
