@@ -77,9 +77,9 @@ Decide = Callable[[UserData, str], "UserTask | Skip | Failure"]
 
 
 def task_for(user: UserData, fingerprint: str, spec: PrefixSpec, *, warm_start: int | None = None,
-             reason: str = "new data") -> UserTask:
+             reason: str = "new data", existing: int | None = None) -> UserTask:
     return UserTask(user.namespace, user.user_id, tuple(user.train), tuple(user.eval), fingerprint, spec,
-                    warm_start, reason)
+                    warm_start, reason, existing)
 
 
 def already_trained(user: UserData, fingerprint: str, spec: PrefixSpec, found: VersionRef) -> UserTask | Skip:
@@ -88,8 +88,8 @@ def already_trained(user: UserData, fingerprint: str, spec: PrefixSpec, found: V
     if PRODUCTION in found.aliases:
         return Skip(user.namespace, user.user_id, f"already published as version {found.version} (production)",
                     found.version)
-    return UserTask(user.namespace, user.user_id, tuple(user.train), tuple(user.eval), fingerprint, spec,
-                    reason=f"finish the gate of version {found.version}", existing=found.version)
+    return task_for(user, fingerprint, spec, reason=f"finish the gate of version {found.version}",
+                    existing=found.version)
 
 
 def build_plan(data: TrainingData, decide: Decide, threads: int = 16) -> Plan:

@@ -164,12 +164,17 @@ def test_gc_keeps_the_newest_and_every_aliased_version(registry):
     assert [r.version for r in registry.history(ALICE)] == [5, 1]
 
 
-def test_own_writes_are_seen_at_once_and_other_writers_within_twice_the_ttl(registry):
+def reader_of_two_versions(registry: Registry, resolve_ttl: float) -> Registry:
+    """Alice with versions 1 (production) and 2, and a second registry reading them."""
     publish(registry, data="d1")
     publish(registry, data="d2")
     registry.promote(ALICE, 1)
-    with Registry(registry.tracking_uri, registry.store_uri, s3_endpoint_url=registry.s3_endpoint_url,
-                  model_prefix=registry.prefix, resolve_ttl=0.2) as reader:
+    return Registry(registry.tracking_uri, registry.store_uri, s3_endpoint_url=registry.s3_endpoint_url,
+                    model_prefix=registry.prefix, resolve_ttl=resolve_ttl)
+
+
+def test_own_writes_are_seen_at_once_and_other_writers_within_twice_the_ttl(registry):
+    with reader_of_two_versions(registry, resolve_ttl=0.2) as reader:
         assert registry.resolve(ALICE).version == reader.resolve(ALICE).version == 1
         registry.promote(ALICE, 2)
         assert registry.resolve(ALICE).version == 2
@@ -178,11 +183,7 @@ def test_own_writes_are_seen_at_once_and_other_writers_within_twice_the_ttl(regi
 
 
 def test_a_fresh_resolve_sees_another_writer_at_once(registry):
-    publish(registry, data="d1")
-    publish(registry, data="d2")
-    registry.promote(ALICE, 1)
-    with Registry(registry.tracking_uri, registry.store_uri, s3_endpoint_url=registry.s3_endpoint_url,
-                  model_prefix=registry.prefix, resolve_ttl=600) as reader:
+    with reader_of_two_versions(registry, resolve_ttl=600) as reader:
         assert reader.resolve(ALICE).version == 1  # now cached for ten minutes
         registry.promote(ALICE, 2)
         assert reader.resolve(ALICE).version == 1
