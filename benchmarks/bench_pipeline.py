@@ -31,11 +31,11 @@ from pathlib import Path
 
 import ray
 
-from prefixfleet.pipelines.actors import JobContext, UserTrainer
-from prefixfleet.pipelines.config import actor_env, connect_ray
-from prefixfleet.pipelines.job import JobRequest, run_job, start_fleet
-from prefixfleet.pipelines.plan import UserTask
-from prefixfleet.registry import Registry, RegistryAddress
+from prefixfleet.pipelines.cluster import actor_env, connect_ray
+from prefixfleet.pipelines.training.actor import UserTrainer
+from prefixfleet.pipelines.training.job import JobRequest, run_job, start_fleet
+from prefixfleet.pipelines.training.plan import JobContext, UserTask
+from prefixfleet.registry import Registry, RegistryAddress, UserKey
 from prefixfleet.workers.data import Example, data_fingerprint
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.synthetic import dataset, user_id, user_rows
@@ -51,11 +51,11 @@ def pure_share(backbone: str, users: list[int], examples: int, config: TrainConf
     import torch
 
     from prefixfleet.workers.backbone import load_backbone
-    from prefixfleet.workers.trainer import UserJob, train_users
+    from prefixfleet.workers.trainer import UserRequest, train_users
 
     torch.set_num_threads(1)
     model = load_backbone(backbone)
-    jobs = [UserJob(user_id(i), examples_of(i, examples), PrefixSpec(), config) for i in users]
+    jobs = [UserRequest(user_id(i), examples_of(i, examples), PrefixSpec(), config) for i in users]
     started = time.perf_counter()
     train_users(model, jobs, pack_size=pack_size)
     return time.perf_counter() - started
@@ -116,7 +116,7 @@ def run_naive(backbone: str, registry: Registry, users: list[int], examples: int
     tasks = []
     for i in users:
         train = tuple(examples_of(i, examples))
-        tasks.append(UserTask(namespace, user_id(i), train, (), data_fingerprint(train), PrefixSpec()))
+        tasks.append(UserTask(UserKey(namespace, user_id(i)), train, (), data_fingerprint(train), PrefixSpec()))
     started = time.perf_counter()
     statuses = ray.get([naive.options(**env).remote(backbone, registry.address, t, context) for t in tasks])
     elapsed = time.perf_counter() - started

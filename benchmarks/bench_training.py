@@ -24,7 +24,7 @@ from prefixfleet.workers.data import Example, collate, encode, holdout
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.synthetic import user_rows
 from prefixfleet.workers.tiny import build_backbone
-from prefixfleet.workers.trainer import UserJob, train_users
+from prefixfleet.workers.trainer import UserRequest, train_users
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=8, reparam_hidden=512)
 
@@ -70,7 +70,7 @@ def _naive_worker(args: tuple[str, int, int, TrainConfig]) -> float:
     path, index, count, config = args
     torch.set_num_threads(1)
     backbone = load_backbone(path)
-    result, = train_users(backbone, [UserJob(f"u{index}", user_examples(index, count), SPEC, config)], pack_size=1)
+    result, = train_users(backbone, [UserRequest(f"u{index}", user_examples(index, count), SPEC, config)], pack_size=1)
     return result.eval_loss
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     for index in range(args.single_users):
         examples = user_examples(index, args.examples)
         start = time.perf_counter()
-        result, = train_users(backbone, [UserJob(f"u{index}", examples, SPEC, config)], pack_size=1)
+        result, = train_users(backbone, [UserRequest(f"u{index}", examples, SPEC, config)], pack_size=1)
         ours_s.append(time.perf_counter() - start)
         ours_loss.append(result.eval_loss)
         start = time.perf_counter()
@@ -111,7 +111,7 @@ def main() -> None:
     print(f"   speed ratio ours/PEFT: {statistics.mean(peft_s) / statistics.mean(ours_s):.2f}x")
 
     # 2. many users
-    jobs = [UserJob(f"u{i}", user_examples(i, args.examples), SPEC, config) for i in range(args.users)]
+    jobs = [UserRequest(f"u{i}", user_examples(i, args.examples), SPEC, config) for i in range(args.users)]
     start = time.perf_counter()
     packed = train_users(backbone, jobs, pack_size=args.pack)
     packed_s = time.perf_counter() - start

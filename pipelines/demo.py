@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prefixfleet.pipelines.job import JobRequest, JobSummary, run_job
+from prefixfleet.pipelines.training.job import JobRequest, JobSummary, run_job
 from prefixfleet.registry import NotFound, Registry, UserKey
 from prefixfleet.workers.artifact import deserialize
 from prefixfleet.workers.backbone import Backbone, load_backbone
@@ -19,7 +19,7 @@ from prefixfleet.workers.prefix import PrefixTensors
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.synthetic import dataset, style_of, user_id, user_rows
 from prefixfleet.workers.tiny import build_backbone
-from prefixfleet.workers.trainer import UserJob, evaluate, prepare
+from prefixfleet.workers.trainer import UserRequest, evaluate, prepare
 
 NAMESPACE = "demo"
 EXAMPLES_PER_USER = 24
@@ -100,7 +100,7 @@ def run_demo(users: int, home: Path, registry: Registry, *, progress: bool | Non
         other = picks[(position + 1) % len(picks)]
         records = user_rows(index, EXAMPLES_PER_USER)
         examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in records]
-        _, evals = prepare(backbone, UserJob(user_id(index), examples, spec, config))
+        _, evals = prepare(backbone, UserRequest(user_id(index), examples, spec, config))
         none, own, foreign = (evaluate(backbone, [(tensors, evals)])[0]
                               for tensors in (None, prefixes[index], prefixes[other]))
         held_out = holdout(examples, config.eval_fraction)[1][0]

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class UserJob:
+class UserRequest:
     """One user's training request. Without `eval_examples` a per-user hold-out is taken."""
 
     user: str
@@ -66,19 +66,19 @@ class UserResult:
 
 
 def user_seed(seed: int, user: str) -> int:
-    """A user's own seed: the same whoever else is in the job."""
+    """A user's own seed: the same whoever else shares its pack."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{user}".encode()).digest()[:8], "big") >> 1
 
 
 class _Slot:
     """A user inside the pack: parameters, optimizer, schedule and minibatch order."""
 
-    def __init__(self, backbone: Backbone, job: UserJob, train: list[Encoded], evals: list[Encoded]) -> None:
-        self.job, self.train, self.evals = job, train, evals
-        self.generator = torch.Generator().manual_seed(user_seed(job.config.seed, job.user))
-        self.module = UserPrefix(backbone, job.spec, self.generator, job.start).to(backbone.device)
-        cfg = job.config
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.learning_rate(job.spec.method),
+    def __init__(self, backbone: Backbone, request: UserRequest, train: list[Encoded], evals: list[Encoded]) -> None:
+        self.request, self.train, self.evals = request, train, evals
+        self.generator = torch.Generator().manual_seed(user_seed(request.config.seed, request.user))
+        self.module = UserPrefix(backbone, request.spec, self.generator, request.start).to(backbone.device)
+        cfg = request.config
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.learning_rate(request.spec.method),
                                            weight_decay=cfg.weight_decay, foreach=True)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_schedule(cfg.warmup_steps, cfg.steps))
         self.step, self.curve, self.order = 0, [], []
@@ -86,16 +86,17 @@ class _Slot:
     def next_batch(self) -> list[Encoded]:
         if not self.order:
             self.order = torch.randperm(len(self.train), generator=self.generator).tolist()
-        take, self.order = self.order[: self.job.config.batch_size], self.order[self.job.config.batch_size:]
+        take, self.order = self.order[: self.request.config.batch_size], self.order[self.request.config.batch_size:]
         self.batch_ids = take
         return [self.train[i] for i in take]
 
     def apply(self, loss: torch.Tensor) -> str | None:
         """One optimizer step for this user alone; a reason string if the user must stop."""
         value = loss.item()
-        norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.job.config.max_grad_norm) if math.isfinite(value) else None
+        finite = math.isfinite(value)
+        norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.request.config.max_grad_norm) if finite else None
         if norm is None or not math.isfinite(norm):
-            return (f"user {self.job.user!r}: non-finite loss or gradient at step {self.step} "
+            return (f"user {self.request.user!r}: non-finite loss or gradient at step {self.step} "
                     f"on training examples {sorted(self.batch_ids)}")
         self.optimizer.step()
         self.schedule.step()
@@ -113,21 +114,21 @@ def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def prepare(backbone: Backbone, job: UserJob) -> tuple[list[Encoded], list[Encoded]]:
-    """Validate and tokenize a job; errors name the user and the example."""
-    if not job.examples:
-        raise WorkerError(f"user {job.user!r}: no training examples")
-    if job.eval_examples:
-        train, evals = list(job.examples), list(job.eval_examples)
+def prepare(backbone: Backbone, request: UserRequest) -> tuple[list[Encoded], list[Encoded]]:
+    """Validate and tokenize a request; errors name the user and the example."""
+    if not request.examples:
+        raise WorkerError(f"user {request.user!r}: no training examples")
+    if request.eval_examples:
+        train, evals = list(request.examples), list(request.eval_examples)
     else:
-        train, evals = holdout(job.examples, job.config.eval_fraction)
-    if job.start is not None:
+        train, evals = holdout(request.examples, request.config.eval_fraction)
+    if request.start is not None:
         try:
-            check_shapes(job.start, expected_shapes(backbone, job.spec))
+            check_shapes(request.start, expected_shapes(backbone, request.spec))
         except WorkerError as exc:
-            raise WorkerError(f"user {job.user!r}: warm start does not fit: {exc}") from exc
-    limit = token_budget(backbone, job.config.max_length, job.spec.num_virtual_tokens)
-    return encode(backbone, train, user=job.user, limit=limit), encode(backbone, evals, user=job.user, limit=limit)
+            raise WorkerError(f"user {request.user!r}: warm start does not fit: {exc}") from exc
+    limit = token_budget(backbone, request.config.max_length, request.spec.num_virtual_tokens)
+    return encode(backbone, train, user=request.user, limit=limit), encode(backbone, evals, user=request.user, limit=limit)
 
 
 @torch.no_grad()
@@ -153,37 +154,37 @@ def evaluate(backbone: Backbone, items: Sequence[tuple[PrefixTensors | None, Seq
     return (sums / counts.clamp(min=1)).tolist()
 
 
-def train_users(backbone: Backbone, jobs: Sequence[UserJob], *, pack_size: int = 8,
-                on_result: Callable[[UserResult], None] | None = None) -> list[UserResult]:
-    """Train every job; returns one result per job, in order. Failures stay with their user."""
+def train_users(backbone: Backbone, requests: Sequence[UserRequest], *, pack_size: int = 8,
+                on_result: Callable[[int, UserResult], None] | None = None) -> list[UserResult]:
+    """Train every request; one result per request, in order. Failures stay with their user."""
     results: dict[int, UserResult] = {}
 
     def finish(index: int, result: UserResult) -> None:
         results[index] = result
         if on_result is not None:
-            on_result(result)
+            on_result(index, result)
 
     groups: dict[tuple[str, int], deque[tuple[int, list[Encoded], list[Encoded]]]] = {}
-    for index, job in enumerate(jobs):
+    for index, request in enumerate(requests):
         try:
-            train, evals = prepare(backbone, job)
+            train, evals = prepare(backbone, request)
         except WorkerError as exc:
-            finish(index, UserResult(job.user, error=str(exc)))
+            finish(index, UserResult(request.user, error=str(exc)))
             continue
-        key = (job.spec.method, job.spec.num_virtual_tokens)  # users of one pack share prefix shapes
+        key = (request.spec.method, request.spec.num_virtual_tokens)  # users of one pack share prefix shapes
         groups.setdefault(key, deque()).append((index, train, evals))
     for queue in groups.values():
-        _train_group(backbone, jobs, queue, max(1, pack_size), finish)
-    return [results[i] for i in range(len(jobs))]
+        _train_group(backbone, requests, queue, max(1, pack_size), finish)
+    return [results[i] for i in range(len(requests))]
 
 
-def _train_group(backbone: Backbone, jobs: Sequence[UserJob], queue: deque, pack_size: int,
+def _train_group(backbone: Backbone, requests: Sequence[UserRequest], queue: deque, pack_size: int,
                  finish: Callable[[int, UserResult], None]) -> None:
     active: dict[int, _Slot] = {}
     while queue or active:
         while queue and len(active) < pack_size:
             index, train, evals = queue.popleft()
-            active[index] = _Slot(backbone, jobs[index], train, evals)
+            active[index] = _Slot(backbone, requests[index], train, evals)
         indices = list(active)
         slots = [active[i] for i in indices]
         items, owners = [], []
@@ -205,8 +206,8 @@ def _train_group(backbone: Backbone, jobs: Sequence[UserJob], queue: deque, pack
             if failure is not None:
                 log.warning("%s", failure)
                 del active[index]
-                finish(index, UserResult(slot.job.user, steps=slot.step, loss_curve=slot.curve, error=failure))
-            elif slot.step >= slot.job.config.steps:
+                finish(index, UserResult(slot.request.user, steps=slot.step, loss_curve=slot.curve, error=failure))
+            elif slot.step >= slot.request.config.steps:
                 del active[index]
                 finish(index, _result(backbone, slot))
 
@@ -218,14 +219,14 @@ def _result(backbone: Backbone, slot: _Slot) -> UserResult:
     eval_loss, = evaluate(backbone, [(device_tensors, slot.evals)])
     baseline, = evaluate(backbone, [(None, slot.evals)])
     return UserResult(
-        user=slot.job.user, tensors=tensors, eval_loss=eval_loss, baseline_eval_loss=baseline,
+        user=slot.request.user, tensors=tensors, eval_loss=eval_loss, baseline_eval_loss=baseline,
         loss_curve=slot.curve, steps=slot.step, train_examples=len(slot.train), eval_examples=len(slot.evals),
     )
 
 
-def train_user(backbone: Backbone, job: UserJob) -> UserResult:
+def train_user(backbone: Backbone, request: UserRequest) -> UserResult:
     """Train one user alone; raises WorkerError (naming the user and example) on bad input."""
-    result, = train_users(backbone, [job], pack_size=1)
+    result, = train_users(backbone, [request], pack_size=1)
     if not result.ok:
         raise WorkerError(result.error)
     return result

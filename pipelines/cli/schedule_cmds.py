@@ -11,7 +11,7 @@ import typer.main
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, emit, fail
-from prefixfleet.pipelines.scheduler import ScheduleError, Scheduler
+from prefixfleet.pipelines.scheduling.cron import ScheduleError, Scheduler
 from prefixfleet.registry import home_dir
 
 

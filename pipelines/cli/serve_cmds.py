@@ -83,7 +83,7 @@ def serve(
 def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, host: str, port: int,
                   address: str | None, replicas: int, device: str | None) -> None:
     with needs("serve"):
-        from prefixfleet.pipelines.config import actor_env, connect_ray
+        from prefixfleet.pipelines.cluster import actor_env, connect_ray
         from prefixfleet.pipelines.serving import ray_app
 
     where = registry.address

@@ -11,7 +11,7 @@ import typer
 
 from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOption, emit, fail, needs, open_registry
-from prefixfleet.pipelines.errors import JobError
+from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.registry import home_dir
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from prefixfleet.pipelines.demo import DemoReport
-    from prefixfleet.pipelines.job import JobRequest, JobSummary
+    from prefixfleet.pipelines.training.job import JobRequest, JobSummary
 
 DataArg = Annotated[str, typer.Argument(help="JSONL or Parquet file or folder, local or s3://bucket/key.")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or local save_pretrained folder.")]
@@ -52,8 +52,8 @@ def _setup_logging() -> None:
 
 def _run(request: JobRequest, home: Path | None, as_json: bool) -> JobSummary:
     with needs("train"):
-        from prefixfleet.pipelines.data import DataError
-        from prefixfleet.pipelines.job import run_job
+        from prefixfleet.pipelines.training.data import DataError
+        from prefixfleet.pipelines.training.job import run_job
 
     _setup_logging()
     registry = open_registry(home)
@@ -72,9 +72,9 @@ def _report(summary: JobSummary, as_json: bool) -> None:
     lines = [f"job {summary.job_id}"]
     for o in summary.per_user:
         if o.status == "failed":
-            lines.append(f"  {o.namespace}/{o.user_id}: failed: {o.reason}")
+            lines.append(f"  {o.key.namespace}/{o.key.user_id}: failed: {o.reason}")
         else:
-            lines.append(f"  {o.namespace}/{o.user_id}: version {o.version}, eval loss {o.eval_loss:.4f} "
+            lines.append(f"  {o.key.namespace}/{o.key.user_id}: version {o.version}, eval loss {o.eval_loss:.4f} "
                          f"(no prefix {o.baseline_eval_loss:.4f}), "
                          f"{'promoted' if o.promoted else 'not promoted'}: {o.reason}")
     emit(summary.to_json(), as_json, "\n".join(lines))
@@ -87,7 +87,7 @@ def _request(kind: str, data: str, backbone: str, namespace: str, method: str, v
              lr: float | None, batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
              address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float) -> JobRequest:
     with needs("train"):
-        from prefixfleet.pipelines.job import JobRequest
+        from prefixfleet.pipelines.training.job import JobRequest
 
     try:
         spec = PrefixSpec(method=method, num_virtual_tokens=virtual_tokens)

@@ -17,8 +17,8 @@ import ray
 from mlflow import MlflowClient
 from ray.exceptions import RayError
 
-from prefixfleet.pipelines.fleet import ACTOR_NAME
-from prefixfleet.pipelines.job import JobRequest, JobSummary, run_job, start_fleet
+from prefixfleet.pipelines.training.fleet import ACTOR_NAME
+from prefixfleet.pipelines.training.job import JobRequest, JobSummary, run_job, start_fleet
 from prefixfleet.registry import Registry, UserKey, VersionRef
 from prefixfleet.workers.spec import TrainConfig
 from tests.pipelines.pipeline_support import STEPS, ensure_ray, restyled, synthetic, tiny_backbone, write_jsonl

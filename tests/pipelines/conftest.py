@@ -13,7 +13,7 @@ def local_ray() -> Iterator[None]:
     """Ray on this machine with 2 CPUs, started once for the session (or the one already running)."""
     import ray
 
-    from prefixfleet.pipelines.config import LOCAL_OBJECT_STORE_BYTES
+    from prefixfleet.pipelines.cluster import LOCAL_OBJECT_STORE_BYTES
 
     if ray.is_initialized():
         yield

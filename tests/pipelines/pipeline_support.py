@@ -11,7 +11,7 @@ import typer.main
 from click.testing import CliRunner, Result
 
 from prefixfleet.pipelines.cli import app
-from prefixfleet.pipelines.config import LOCAL_OBJECT_STORE_BYTES
+from prefixfleet.pipelines.cluster import LOCAL_OBJECT_STORE_BYTES
 from prefixfleet.workers.synthetic import dataset, user_rows
 from prefixfleet.workers.tiny import build_backbone
 

@@ -16,7 +16,7 @@ from prefixfleet.workers.data import Example, collate, data_fingerprint, encode
 from prefixfleet.workers.forward import logits
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.synthetic import user_rows
-from prefixfleet.workers.trainer import UserJob, train_user
+from prefixfleet.workers.trainer import UserRequest, train_user
 from tests.fixtures.peft_logits import peft_logits
 
 
@@ -37,7 +37,7 @@ def test_export_then_import_round_trips_through_peft(local_env, tmp_path):
     backbone = load_backbone(str(tmp_path / "bb"))
     examples = [Example(prompt=r["prompt"], completion=r["completion"]) for r in user_rows(2, 12)]
     spec = PrefixSpec(method="prefix", num_virtual_tokens=4, reparam_hidden=32)
-    trained = train_user(backbone, UserJob("alice", examples, spec, TrainConfig(steps=5)))
+    trained = train_user(backbone, UserRequest("alice", examples, spec, TrainConfig(steps=5)))
     meta = ArtifactMeta("default", "alice", spec, backbone.fingerprint, data_fingerprint(examples),
                         backbone=str(tmp_path / "bb"))
     with Registry.from_env() as registry:

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefixfleet.pipelines.data import DataError, UserData, read_data
+from prefixfleet.pipelines.training.data import DataError, UserData, read_data
+from prefixfleet.registry import UserKey
 from prefixfleet.workers.data import Example
 
 GOOD = {"user_id": "ann", "prompt": "order 2 mugs\n", "completion": "Hi Ann - 2 mugs. Thanks!"}
@@ -51,7 +52,7 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path: Path) -> None:
     assert "namespace" in where["11"].lower()
     assert "'user_id' must be a string" in where["12"]
     assert data.rows_read == 11 and data.rows_used == 1
-    assert list(data.users) == [("default", "ann")]
+    assert list(data.users) == [UserKey("default", "ann")]
 
 
 def test_rows_group_by_namespace_and_user_and_honour_split(tmp_path: Path) -> None:
@@ -62,17 +63,17 @@ def test_rows_group_by_namespace_and_user_and_honour_split(tmp_path: Path) -> No
         json.dumps({"user_id": "bob", "text": "plain text example", "split": "train"}),
     ])
     data = read_data(str(path), default_namespace="shop")
-    assert list(data.users) == [("shop", "ann"), ("acme", "ann"), ("shop", "bob")]
-    ann = data.users[("shop", "ann")]
-    assert len(ann.train) == 1 and len(ann.eval) == 1
-    assert data.users[("acme", "ann")].eval == []
+    assert list(data.users) == [UserKey("shop", "ann"), UserKey("acme", "ann"), UserKey("shop", "bob")]
+    ann = data.users[UserKey("shop", "ann")]
+    assert ann.key == UserKey("shop", "ann") and len(ann.train) == 1 and len(ann.eval) == 1
+    assert data.users[UserKey("acme", "ann")].eval == []
 
 
 def test_fingerprint_ignores_order_and_sees_the_split() -> None:
     a, b = Example(prompt="p", completion="one"), Example(prompt="p", completion="two")
-    assert UserData("ns", "u", [a, b]).fingerprint == UserData("ns", "u", [b, a]).fingerprint
-    assert UserData("ns", "u", [a, b]).fingerprint != UserData("ns", "u", [a], [b]).fingerprint
-    assert UserData("ns", "u", [a], [b]).fingerprint != UserData("ns", "u", [b], [a]).fingerprint
+    assert UserData(UserKey("ns", "u"), [a, b]).fingerprint == UserData(UserKey("ns", "u"), [b, a]).fingerprint
+    assert UserData(UserKey("ns", "u"), [a, b]).fingerprint != UserData(UserKey("ns", "u"), [a], [b]).fingerprint
+    assert UserData(UserKey("ns", "u"), [a], [b]).fingerprint != UserData(UserKey("ns", "u"), [b], [a]).fingerprint
 
 
 def test_parquet_rows_and_folders(tmp_path: Path) -> None:
@@ -88,7 +89,7 @@ def test_parquet_rows_and_folders(tmp_path: Path) -> None:
         f"{folder / 'part-0.parquet'}:row 2: missing field 'user_id'",
         f"{folder / 'part-0.parquet'}:row 3: `completion` must be a non-empty string next to `prompt`",
     ]
-    assert list(data.users) == [("default", "ann"), ("default", "dan")]
+    assert list(data.users) == [UserKey("default", "ann"), UserKey("default", "dan")]
     assert len(data.files) == 2
 
 
@@ -110,4 +111,4 @@ def test_reads_from_s3(s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.Mon
     assert data.files == [f"s3://{s3_bucket}/pipeline-data/day1/part.jsonl"]
     assert [str(b) for b in data.bad_rows] == [
         f"s3://{s3_bucket}/pipeline-data/day1/part.jsonl:2: missing field: need 'text', or 'prompt' and 'completion'"]
-    assert list(data.users) == [("default", "ann")]
+    assert list(data.users) == [UserKey("default", "ann")]

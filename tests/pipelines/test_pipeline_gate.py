@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from prefixfleet.pipelines.gate import judge
+from prefixfleet.pipelines.training.gate import judge
 
 
 def test_first_prefix_needs_only_to_beat_the_baseline() -> None:

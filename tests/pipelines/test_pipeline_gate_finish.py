@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from prefixfleet.pipelines.actors import GATED_AGAINST, JobContext, UserTrainer
-from prefixfleet.pipelines.plan import UserTask
+from prefixfleet.pipelines.training.actor import UserTrainer
+from prefixfleet.pipelines.training.plan import JobContext, UserTask
+from prefixfleet.pipelines.training.publisher import GATED_AGAINST
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.artifact import ArtifactMeta, serialize
 from prefixfleet.workers.data import data_fingerprint
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
-from prefixfleet.workers.trainer import UserJob, evaluate, prepare, train_user
+from prefixfleet.workers.trainer import UserRequest, evaluate, prepare, train_user
 from tests.pipelines.pipeline_support import tiny_backbone
 from tests.workers.conftest import examples_for
 
@@ -35,12 +36,12 @@ def trainer(local_env: dict, tmp_path: Path):
 def publish(trainer: UserTrainer, tensors, *, data: str, metrics: dict, gated_against: str) -> int:
     meta = ArtifactMeta("default", "alice", SPEC, trainer.fingerprint(), data,
                         settings=CONFIG.settings_json(SPEC.method))
-    return trainer.registry.publish(ALICE, serialize(tensors, meta), metrics=metrics, run_id="earlier-job",
+    return trainer.publisher.registry.publish(ALICE, serialize(tensors, meta), metrics=metrics, run_id="earlier-job",
                                     tags={GATED_AGAINST: gated_against}).version
 
 
 def finish(trainer: UserTrainer, version: int):
-    task = UserTask("default", "alice", EXAMPLES, (), data_fingerprint(EXAMPLES), SPEC, existing=version)
+    task = UserTask(ALICE, EXAMPLES, (), data_fingerprint(EXAMPLES), SPEC, existing=version)
     outcome, = trainer.train([task], JobContext("this-job", "train", "bb", CONFIG, 8))
     return outcome
 
@@ -49,11 +50,11 @@ def finish(trainer: UserTrainer, version: int):
 def production(trainer: UserTrainer):
     """Version 1 in production: a real prefix for alice, trained on earlier data; its loss on the
     eval split of today's data."""
-    job = UserJob("alice", list(EXAMPLES), SPEC, CONFIG)
-    result = train_user(trainer.backbone, job)
+    request = UserRequest("alice", list(EXAMPLES), SPEC, CONFIG)
+    result = train_user(trainer.backbone, request)
     version = publish(trainer, result.tensors, data="earlier-data", metrics={}, gated_against="none")
-    trainer.registry.promote(ALICE, version)
-    _, evals = prepare(trainer.backbone, job)
+    trainer.publisher.registry.promote(ALICE, version)
+    _, evals = prepare(trainer.backbone, request)
     loss, = evaluate(trainer.backbone, [(result.tensors, evals)])
     return version, result.tensors, loss
 
@@ -65,7 +66,7 @@ def test_unchanged_production_is_judged_on_the_recorded_losses(trainer, producti
                         data=data_fingerprint(EXAMPLES), metrics=recorded, gated_against=str(version))
     outcome = finish(trainer, candidate)
     assert outcome.promoted and outcome.production_eval_loss == 2.0 and "gate finished" in outcome.reason
-    assert trainer.registry.resolve(ALICE, "production").version == candidate
+    assert trainer.publisher.registry.resolve(ALICE, "production").version == candidate
 
 
 def test_a_production_that_changed_since_publish_is_evaluated_again(trainer, production):
@@ -77,7 +78,7 @@ def test_a_production_that_changed_since_publish_is_evaluated_again(trainer, pro
     outcome = finish(trainer, candidate)
     assert outcome.production_eval_loss == pytest.approx(production_loss, abs=1e-6)
     assert not outcome.promoted and "does not beat production" in outcome.reason
-    assert trainer.registry.resolve(ALICE, "production").version == version
+    assert trainer.publisher.registry.resolve(ALICE, "production").version == version
 
 
 def test_a_version_taken_down_by_a_rollback_stays_down(trainer, production):
@@ -85,8 +86,8 @@ def test_a_version_taken_down_by_a_rollback_stays_down(trainer, production):
     recorded = {"eval_loss": 1.0, "baseline_eval_loss": 9.0, "production_eval_loss": 2.0}
     candidate = publish(trainer, {k: v + 0.01 for k, v in tensors.items()}, data=data_fingerprint(EXAMPLES),
                         metrics=recorded, gated_against=str(version))
-    trainer.registry.promote(ALICE, candidate)
-    trainer.registry.rollback(ALICE)
+    trainer.publisher.registry.promote(ALICE, candidate)
+    trainer.publisher.registry.rollback(ALICE)
     outcome = finish(trainer, candidate)
     assert not outcome.promoted and "rollback" in outcome.reason
-    assert trainer.registry.resolve(ALICE, "production").version == version
+    assert trainer.publisher.registry.resolve(ALICE, "production").version == version

@@ -5,12 +5,13 @@ import logging
 
 import pytest
 
-from prefixfleet.pipelines.actors import Outcome
-from prefixfleet.pipelines.progress import JobProgress
+from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.pipelines.training.progress import JobProgress
+from prefixfleet.registry import UserKey
 
 
 def test_plain_progress_logs_counts_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:
-    done = [Outcome("ns", "a", "trained"), Outcome("ns", "b", "failed", reason="x")]
+    done = [Outcome(key=UserKey("ns", "a"), status="trained"), Outcome.failed(UserKey("ns", "b"), "x")]
     with caplog.at_level(logging.INFO, logger="prefixfleet"), JobProgress(3, 4, live=False) as progress:
         progress(done[:1], 0)
         progress(done, 1)

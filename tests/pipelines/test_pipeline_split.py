@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from prefixfleet.pipelines.fleet import split
+from prefixfleet.pipelines.training.fleet import split
 
 
 @pytest.mark.parametrize("users,actors,pack", [(1000, 2, 8), (50, 2, 8), (6, 2, 8), (8, 1, 2), (1, 4, 8), (0, 2, 8)])

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from prefixfleet.pipelines.cli import schedule_cmds
 from prefixfleet.pipelines.cli.app import app
-from prefixfleet.pipelines.scheduler import (
+from prefixfleet.pipelines.scheduling.cron import (
     ScheduleError,
     Scheduler,
     job_lock,

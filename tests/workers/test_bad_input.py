@@ -12,13 +12,13 @@ from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, s
 from prefixfleet.workers.data import Example, encode
 from prefixfleet.workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
-from prefixfleet.workers.trainer import UserJob, train_user, train_users
+from prefixfleet.workers.trainer import UserRequest, train_user, train_users
 from tests.workers.conftest import examples_for
 
 
 def test_empty_example_list_names_the_user(backbones):
     with pytest.raises(WorkerError, match="user 'carol': no training examples"):
-        train_user(backbones["gpt2"], UserJob("carol", []))
+        train_user(backbones["gpt2"], UserRequest("carol", []))
 
 
 @pytest.mark.parametrize("fields, problem", [
@@ -95,7 +95,7 @@ def test_corrupt_artifacts_are_refused():
 
 
 def test_one_bad_user_in_a_batch_does_not_stop_the_others(backbones):
-    jobs = [UserJob("ok", examples_for(0, 8), config=TrainConfig(steps=2)), UserJob("empty", [])]
+    jobs = [UserRequest("ok", examples_for(0, 8), config=TrainConfig(steps=2)), UserRequest("empty", [])]
     results = train_users(backbones["gpt2"], jobs)
     assert results[0].ok and not results[1].ok and "empty" in results[1].error
 
@@ -103,8 +103,8 @@ def test_one_bad_user_in_a_batch_does_not_stop_the_others(backbones):
 def test_a_warm_start_of_the_wrong_shape_fails_its_user_alone(backbones):
     spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=4)
     wrong = {"decoder": torch.zeros(1, 2, 3, 4, 5)}
-    jobs = [UserJob("ok", examples_for(0, 8), spec, TrainConfig(steps=2)),
-            UserJob("warm", examples_for(1, 8), spec, TrainConfig(steps=2), start=wrong)]
+    jobs = [UserRequest("ok", examples_for(0, 8), spec, TrainConfig(steps=2)),
+            UserRequest("warm", examples_for(1, 8), spec, TrainConfig(steps=2), start=wrong)]
     results = train_users(backbones["gpt2"], jobs)
     assert results[0].ok and not results[1].ok
     assert "user 'warm': warm start does not fit" in results[1].error

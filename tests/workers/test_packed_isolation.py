@@ -16,7 +16,7 @@ import torch
 
 from prefixfleet.workers.data import Example
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
-from prefixfleet.workers.trainer import UserJob, train_users
+from prefixfleet.workers.trainer import UserRequest, train_users
 from tests.workers.conftest import FAMILIES, examples_for
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=4, reparam_hidden=32)
@@ -31,8 +31,8 @@ def torch_threads(request) -> Iterator[int]:
     torch.set_num_threads(before)
 
 
-def job(index: int, *, steps: int = 12, examples: list[Example] | None = None, spec: PrefixSpec = SPEC) -> UserJob:
-    return UserJob(f"user-{index}", examples or examples_for(index, 10 + 3 * index),
+def job(index: int, *, steps: int = 12, examples: list[Example] | None = None, spec: PrefixSpec = SPEC) -> UserRequest:
+    return UserRequest(f"user-{index}", examples or examples_for(index, 10 + 3 * index),
                    spec, TrainConfig(steps=steps, batch_size=4))
 
 
@@ -60,7 +60,7 @@ def test_changing_or_removing_user_b_changes_no_bit_of_user_a(backbones, torch_t
     backbone = backbones["gpt2"]
     a, b, c = job(0), job(1), job(2)
     reference = train_users(backbone, [a, b, c], pack_size=3)[0]
-    changed_b = UserJob(b.user, examples_for(7, 25), b.spec, TrainConfig(steps=30, batch_size=4, lr=0.5))
+    changed_b = UserRequest(b.user, examples_for(7, 25), b.spec, TrainConfig(steps=30, batch_size=4, lr=0.5))
     for others in ([changed_b, c], [c]):
         result = train_users(backbone, [a, *others], pack_size=3)[0]
         for name in reference.tensors:

@@ -11,7 +11,7 @@ from prefixfleet.workers.data import collate, data_fingerprint, encode
 from prefixfleet.workers.forward import logits
 from prefixfleet.workers.generate import generate
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
-from prefixfleet.workers.trainer import UserJob, train_user
+from prefixfleet.workers.trainer import UserRequest, train_user
 from tests.workers.conftest import FAMILIES, examples_for
 
 CONFIG = TrainConfig(steps=30, batch_size=8)
@@ -24,7 +24,7 @@ def test_method_trains_generates_and_round_trips(backbones, family, method):
     before = weights_checksum(backbone.model)
     examples = examples_for(3)
     spec = PrefixSpec(method=method, num_virtual_tokens=6, reparam_hidden=64)
-    result = train_user(backbone, UserJob("alice", examples, spec, CONFIG))
+    result = train_user(backbone, UserRequest("alice", examples, spec, CONFIG))
 
     assert result.eval_loss < result.baseline_eval_loss - 0.3, (result.eval_loss, result.baseline_eval_loss)
     assert len(result.loss_curve) == CONFIG.steps
@@ -81,8 +81,8 @@ def test_text_init_starts_from_real_token_activations(backbones):
 def test_warm_start_continues_from_an_earlier_prefix(backbones):
     backbone = backbones["gpt2"]
     spec = PrefixSpec(method="prefix", num_virtual_tokens=6, reparam_hidden=64)
-    first = train_user(backbone, UserJob("bob", examples_for(5), spec, CONFIG))
-    warm = train_user(backbone, UserJob("bob", examples_for(5), spec, TrainConfig(steps=1, lr=1e-9), start=first.tensors))
+    first = train_user(backbone, UserRequest("bob", examples_for(5), spec, CONFIG))
+    warm = train_user(backbone, UserRequest("bob", examples_for(5), spec, TrainConfig(steps=1, lr=1e-9), start=first.tensors))
     assert warm.eval_loss == pytest.approx(first.eval_loss, abs=1e-3)
 
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from prefixfleet.pipelines.data import TrainingData, UserData
-from prefixfleet.pipelines.published import PublishedLookup
+from prefixfleet.pipelines.training.data import TrainingData, UserData
+from prefixfleet.pipelines.training.published import PublishedLookup
 from prefixfleet.registry import Registry, UserKey, VersionRef
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.registry.refs import PRODUCTION
@@ -23,8 +23,7 @@ class UserTask:
     whose prefix training starts from (its spec is `spec`). `existing`: a version already trained
     from this task's data, spec and settings: its gate is finished instead of training again."""
 
-    namespace: str
-    user_id: str
+    key: UserKey
     train: tuple[Example, ...]
     eval: tuple[Example, ...]
     data_fingerprint: str
@@ -33,28 +32,28 @@ class UserTask:
     reason: str = "new data"
     existing: int | None = None
 
-    @property
-    def key(self) -> UserKey:
-        return UserKey(self.namespace, self.user_id)
 
-    @property
-    def label(self) -> str:
-        """Unique within a job: namespaces never contain '/'."""
-        return f"{self.namespace}/{self.user_id}"
+@dataclass(frozen=True)
+class JobContext:
+    """What every chunk of one job shares."""
+
+    run_id: str
+    kind: str  # "train" | "retrain"
+    backbone: str  # id or path, recorded in each artifact
+    config: TrainConfig
+    pack_size: int
 
 
 @dataclass(frozen=True)
 class Skip:
-    namespace: str
-    user_id: str
+    key: UserKey
     reason: str
     version: int | None = None
 
 
 @dataclass(frozen=True)
 class Failure:
-    namespace: str
-    user_id: str
+    key: UserKey
     reason: str
 
 
@@ -78,16 +77,14 @@ Decide = Callable[[UserData, str], "UserTask | Skip | Failure"]
 
 def task_for(user: UserData, fingerprint: str, spec: PrefixSpec, *, warm_start: int | None = None,
              reason: str = "new data", existing: int | None = None) -> UserTask:
-    return UserTask(user.namespace, user.user_id, tuple(user.train), tuple(user.eval), fingerprint, spec,
-                    warm_start, reason, existing)
+    return UserTask(user.key, tuple(user.train), tuple(user.eval), fingerprint, spec, warm_start, reason, existing)
 
 
 def already_trained(user: UserData, fingerprint: str, spec: PrefixSpec, found: VersionRef) -> UserTask | Skip:
     """A user whose result is published as `found`: skipped once in production, else its gate is
     finished by an actor."""
     if PRODUCTION in found.aliases:
-        return Skip(user.namespace, user.user_id, f"already published as version {found.version} (production)",
-                    found.version)
+        return Skip(user.key, f"already published as version {found.version} (production)", found.version)
     return task_for(user, fingerprint, spec, reason=f"finish the gate of version {found.version}",
                     existing=found.version)
 
@@ -96,11 +93,11 @@ def build_plan(data: TrainingData, decide: Decide, threads: int = 16) -> Plan:
     """Apply `decide(user, data fingerprint)` to every user (registry look-ups run concurrently)."""
     def one(user: UserData) -> UserTask | Skip | Failure:
         if not user.train:
-            return Failure(user.namespace, user.user_id, f"no training rows ({len(user.eval)} rows, all split 'eval')")
+            return Failure(user.key, f"no training rows ({len(user.eval)} rows, all split 'eval')")
         try:
             return decide(user, user.fingerprint)
         except RegistryError as exc:
-            return Failure(user.namespace, user.user_id, f"registry: {exc}")
+            return Failure(user.key, f"registry: {exc}")
 
     plan = Plan()
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -115,7 +112,7 @@ def plan_train(data: TrainingData, registry: Registry, spec: PrefixSpec, config:
     published = PublishedLookup(registry, backbone_fingerprint)
 
     def decide(user: UserData, fingerprint: str) -> UserTask | Skip:
-        found = published.find(UserKey(user.namespace, user.user_id), fingerprint, spec, config)
+        found = published.find(user.key, fingerprint, spec, config)
         if found is not None:
             return already_trained(user, fingerprint, spec, found)
         return task_for(user, fingerprint, spec)

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefixfleet.pipelines.actors import JobContext, Outcome
-from prefixfleet.pipelines.config import actor_env, connect_ray
-from prefixfleet.pipelines.data import DataError, TrainingData, read_data
-from prefixfleet.pipelines.errors import JobError
-from prefixfleet.pipelines.fleet import Fleet, actor_count, split
-from prefixfleet.pipelines.plan import Plan, plan_train
-from prefixfleet.pipelines.progress import JobProgress
-from prefixfleet.pipelines.published import config_params
-from prefixfleet.pipelines.retrain import plan_retrain
-from prefixfleet.pipelines.tracking import JobRun
+from prefixfleet.pipelines.cluster import actor_env, connect_ray
+from prefixfleet.pipelines.training.data import DataError, TrainingData, read_data
+from prefixfleet.pipelines.training.errors import JobError
+from prefixfleet.pipelines.training.fleet import Fleet, actor_count, split
+from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.pipelines.training.plan import JobContext, Plan, plan_train
+from prefixfleet.pipelines.training.progress import JobProgress
+from prefixfleet.pipelines.training.published import config_params
+from prefixfleet.pipelines.training.retrain import plan_retrain
+from prefixfleet.pipelines.training.tracking import JobRun
 from prefixfleet.registry import Registry
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
@@ -65,7 +65,7 @@ class JobSummary:
     @property
     def per_user(self) -> list[Outcome]:
         """Trained, failed and promoted users (the other skipped ones are only counted)."""
-        planned = [Outcome(f.namespace, f.user_id, "failed", reason=f.reason) for f in self.plan.failed]
+        planned = [Outcome.failed(f.key, f.reason) for f in self.plan.failed]
         return [o for o in self.outcomes if o.status != "skipped" or o.promoted] + planned
 
     def metrics(self) -> dict[str, float]:
@@ -162,8 +162,8 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
         with JobProgress(len(plan.tasks), len(plan.skipped), live=request.progress) as progress:
             outcomes = fleet.run(chunks, context, progress)
         fleet.check_unchanged()
-        order = {task.label: i for i, task in enumerate(plan.tasks)}
-        outcomes.sort(key=lambda o: order[f"{o.namespace}/{o.user_id}"])
+        order = {task.key: i for i, task in enumerate(plan.tasks)}
+        outcomes.sort(key=lambda o: order[o.key])
         summary = JobSummary(run_id, request.kind, data, plan, outcomes, time.monotonic() - started)
         run.finish(summary.metrics(), outcomes, summary.to_json())
     except BaseException as exc:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from prefixfleet.pipelines.errors import JobError
+from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.registry.errors import InvalidUserKey
 from prefixfleet.registry.keys import UserKey
 from prefixfleet.workers.data import Example, data_fingerprint
@@ -53,8 +53,7 @@ class BadRow:
 class UserData:
     """One user's examples. An empty `eval` means no explicit split: a per-user hold-out is taken."""
 
-    namespace: str
-    user_id: str
+    key: UserKey
     train: list[Example] = field(default_factory=list)
     eval: list[Example] = field(default_factory=list)
 
@@ -69,7 +68,7 @@ class UserData:
 
 @dataclass
 class TrainingData:
-    users: dict[tuple[str, str], UserData]
+    users: dict[UserKey, UserData]  # in first-seen order
     rows_read: int
     bad_rows: list[BadRow]
     files: list[str]
@@ -168,9 +167,9 @@ def parse_row(where: str, row: object, default_namespace: str) -> tuple[UserKey,
 
 
 def read_data(uri: str, default_namespace: str = "default") -> TrainingData:
-    """Read and validate every row, grouped by (namespace, user_id) in first-seen order."""
+    """Read and validate every row, grouped by user in first-seen order."""
     fs, files = list_files(uri)
-    users: dict[tuple[str, str], UserData] = {}
+    users: dict[UserKey, UserData] = {}
     bad: list[BadRow] = []
     rows = 0
     for path in files:
@@ -184,7 +183,7 @@ def read_data(uri: str, default_namespace: str = "default") -> TrainingData:
                     bad.append(parsed)
                     continue
                 key, split, example = parsed
-                user = users.setdefault((key.namespace, key.user_id), UserData(key.namespace, key.user_id))
+                user = users.setdefault(key, UserData(key))
                 (user.eval if split == "eval" else user.train).append(example)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"cannot read {name}: {exc}") from exc

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
-from prefixfleet.pipelines.actors import Outcome
+from prefixfleet.pipelines.training.outcome import Outcome
 
 EXPERIMENT = "prefixfleet-jobs"
 PLOTTED_USERS = 20

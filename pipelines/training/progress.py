@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from prefixfleet.pipelines.actors import Outcome
+from prefixfleet.pipelines.training.outcome import Outcome
 
 log = logging.getLogger("prefixfleet")
 LOG_EVERY_S = 5.0

@@ -2,10 +2,10 @@
 never promoted), warm-started from production with production's spec."""
 from __future__ import annotations
 
-from prefixfleet.pipelines.data import TrainingData, UserData
-from prefixfleet.pipelines.plan import Failure, Plan, Skip, UserTask, already_trained, build_plan, task_for
-from prefixfleet.pipelines.published import PublishedLookup
-from prefixfleet.registry import NotFound, Registry, UserKey, VersionRef
+from prefixfleet.pipelines.training.data import TrainingData, UserData
+from prefixfleet.pipelines.training.plan import Failure, Plan, Skip, UserTask, already_trained, build_plan, task_for
+from prefixfleet.pipelines.training.published import PublishedLookup
+from prefixfleet.registry import NotFound, Registry, VersionRef
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
@@ -17,22 +17,21 @@ def plan_retrain(data: TrainingData, registry: Registry, spec: PrefixSpec, confi
     published = PublishedLookup(registry, backbone_fingerprint)
 
     def decide(user: UserData, fingerprint: str) -> UserTask | Skip | Failure:
-        key = UserKey(user.namespace, user.user_id)
+        key = user.key
         try:  # plan on what production is now, not on a cached resolution
             production: VersionRef | None = registry.resolve(key, "production", fresh=True)
         except NotFound:
             production = None
         if production is not None and production.backbone_fingerprint == backbone_fingerprint \
                 and production.data_fingerprint == fingerprint:
-            return Skip(key.namespace, key.user_id, f"data unchanged since production version {production.version}",
-                        production.version)
+            return Skip(key, f"data unchanged since production version {production.version}", production.version)
         if production is None:
             user_spec, warm, reason = spec, None, "no production prefix yet"
         else:
             try:
                 user_spec = PrefixSpec.from_dict(production.spec)
             except WorkerError as exc:
-                return Failure(key.namespace, key.user_id, f"production version {production.version}: {exc}")
+                return Failure(key, f"production version {production.version}: {exc}")
             if production.backbone_fingerprint == backbone_fingerprint:
                 warm, reason = production.version, f"data changed since production version {production.version}"
             else:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from prefixfleet.pipelines.actors import JobContext, Outcome, TrainerActor, failed
-from prefixfleet.pipelines.errors import JobError
-from prefixfleet.pipelines.plan import UserTask
+from prefixfleet.pipelines.training.actor import TrainerActor
+from prefixfleet.pipelines.training.errors import JobError
+from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.pipelines.training.plan import JobContext, UserTask
 from prefixfleet.registry import RegistryAddress
 
 QUEUED_PER_ACTOR = 2
@@ -105,7 +106,7 @@ class Fleet:
                 running[self.actors[index].train.remote(chunk, context)] = (index, chunk)
                 queued[index] += 1
             if not self.alive:
-                outcomes += [failed(t, "no trainer actor is left") for chunk in waiting for t in chunk]
+                outcomes += [Outcome.failed(t.key, "no trainer actor is left") for chunk in waiting for t in chunk]
                 waiting.clear()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS) if running else ([], [])
             for ref in ready:
@@ -120,9 +121,9 @@ class Fleet:
             return ray.get(ref)
         except RayActorError as exc:
             self.alive.discard(index)
-            return [failed(t, f"trainer actor died and was not restarted: {_short(exc)}") for t in chunk]
+            return [Outcome.failed(t.key, f"trainer actor died and was not restarted: {_short(exc)}") for t in chunk]
         except RayError as exc:
-            return [failed(t, f"chunk failed: {_short(exc)}") for t in chunk]
+            return [Outcome.failed(t.key, f"chunk failed: {_short(exc)}") for t in chunk]
 
     def _in_progress(self, busy: set[int]) -> int:
         """Users finished inside chunks still running (actors that do not answer at once count 0)."""

@@ -1,0 +1,1 @@
+"""Nightly retraining and other recurring commands, on a cron schedule."""

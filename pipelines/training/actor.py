@@ -1,0 +1,118 @@
+"""The trainer actor: loads the frozen backbone once, then trains many users' chunks packed.
+
+Actors publish their users themselves rather than returning artifacts to the driver: publish
+throughput grows with the number of actors, artifact bytes never cross the cluster twice, and the
+driver stays a light scheduler at millions of users. Publishing runs on a small thread pool so
+registry latency overlaps training. Exactly once: before training a chunk the actor looks each
+user up by (data fingerprint, spec, training settings, backbone fingerprint); a chunk retried after
+a crash finishes the users it had already published (including their promotion) instead of
+training them again, and the registry's publish is itself idempotent on that identity.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import ray
+
+from prefixfleet.pipelines.training.outcome import Outcome, reason_of
+from prefixfleet.pipelines.training.plan import JobContext, UserTask
+from prefixfleet.pipelines.training.publisher import Measure, Production, Publisher
+from prefixfleet.registry import RegistryAddress
+from prefixfleet.workers.backbone import load_backbone, weights_checksum
+from prefixfleet.workers.prefix import PrefixTensors
+from prefixfleet.workers.trainer import UserRequest, UserResult, evaluate, prepare, train_users
+
+PUBLISH_THREADS = 4
+
+
+class UserTrainer:
+    """Plain class; `TrainerActor` below is its Ray actor. One instance per process."""
+
+    def __init__(self, backbone: str, registry: RegistryAddress, device: str | None = None) -> None:
+        self.backbone = load_backbone(backbone, device=device)
+        self.checksum = weights_checksum(self.backbone.model)
+        self.publisher = Publisher(registry.open(), self.backbone.fingerprint)
+        self.pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
+        self.lock = threading.Lock()
+        self.counts = {"pid": os.getpid(), "chunk_size": 0, "chunk_done": 0}
+
+    def fingerprint(self) -> str:
+        return self.backbone.fingerprint
+
+    def close(self) -> None:
+        """Wait for publishes in flight and release the registry (actors just end instead)."""
+        self.pool.shutdown(wait=True)
+        self.publisher.close()
+
+    def unchanged(self) -> bool:
+        """Invariant 6: the backbone's weights are bit-identical to when they were loaded."""
+        return weights_checksum(self.backbone.model) == self.checksum
+
+    @ray.method(concurrency_group="status")
+    def status(self) -> dict[str, int]:
+        """Answered while a chunk trains: pid and how far the current chunk is."""
+        with self.lock:
+            return dict(self.counts)
+
+    def train(self, tasks: list[UserTask], context: JobContext) -> list[Outcome]:
+        """Train, gate and publish a chunk of users; one outcome per task, in order."""
+        with self.lock:
+            self.counts.update(chunk_size=len(tasks), chunk_done=0)
+        outcomes: list[Outcome | Future[Outcome] | None] = [None] * len(tasks)
+        requests: list[UserRequest] = []
+        owners: list[int] = []  # requests[i] trains tasks[owners[i]]
+        productions: list[Production] = []
+        for index, task in enumerate(tasks):
+            try:
+                existing = self.publisher.existing(task, context)
+                if existing is not None:
+                    outcomes[index] = self.publisher.finish_gate(task, existing, context,
+                                                                 self._measure(self._request(task, context)))
+                    self._done()
+                    continue
+                request = self._request(task, context, self.publisher.warm_start(task))
+                productions.append(self.publisher.production(task.key, self._measure(request)))
+                requests.append(request)
+                owners.append(index)
+            except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
+                outcomes[index] = Outcome.failed(task.key, reason_of(exc))
+                self._done()
+
+        def on_result(position: int, result: UserResult) -> None:
+            index = owners[position]
+            outcomes[index] = self.pool.submit(self._publish, tasks[index], result, productions[position], context)
+
+        train_users(self.backbone, requests, pack_size=context.pack_size, on_result=on_result)
+        return [item.result() if isinstance(item, Future) else item for item in outcomes]
+
+    def _publish(self, task: UserTask, result: UserResult, production: Production, context: JobContext) -> Outcome:
+        try:
+            return self.publisher.publish(task, result, production, context)
+        except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
+            return Outcome.failed(task.key, reason_of(exc))
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self.lock:
+            self.counts["chunk_done"] += 1
+
+    @staticmethod
+    def _request(task: UserTask, context: JobContext, start: PrefixTensors | None = None) -> UserRequest:
+        """The workers' request; its name (errors, the user's seed) is "namespace/user_id"."""
+        name = f"{task.key.namespace}/{task.key.user_id}"
+        return UserRequest(name, task.train, task.spec, context.config, task.eval or None, start=start)
+
+    def _measure(self, request: UserRequest) -> Measure:
+        """A prefix's eval loss on this request's eval split."""
+        def measure(tensors: PrefixTensors) -> float:
+            _, evals = prepare(self.backbone, request)
+            loss, = evaluate(self.backbone, [(tensors, evals)])
+            return loss
+        return measure
+
+
+# Restarted after a crash (the backbone is reloaded) and the interrupted chunk is retried on it.
+TrainerActor = ray.remote(max_restarts=3, max_task_retries=3, concurrency_groups={"status": 1})(UserTrainer)

@@ -1,0 +1,43 @@
+"""What happened to one user in a job: trained, skipped or failed, with its losses and gate."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefixfleet.registry import UserKey
+from prefixfleet.registry.errors import RegistryError
+from prefixfleet.workers.errors import WorkerError
+
+STATUSES = ("trained", "skipped", "failed")
+
+
+@dataclass(kw_only=True)
+class Outcome:
+    key: UserKey
+    status: str  # one of STATUSES
+    version: int | None = None
+    sha256: str | None = None
+    eval_loss: float | None = None
+    baseline_eval_loss: float | None = None
+    production_eval_loss: float | None = None
+    promoted: bool = False
+    reason: str = ""
+    loss_curve: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown outcome status {self.status!r}")
+
+    @classmethod
+    def failed(cls, key: UserKey, reason: str) -> Outcome:
+        return cls(key=key, status="failed", reason=reason)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"namespace": self.key.namespace, "user_id": self.key.user_id, **asdict(self)}
+        del out["key"], out["loss_curve"]
+        return out
+
+
+def reason_of(exc: Exception) -> str:
+    """Our own errors read as they are; anything else also names its type."""
+    return str(exc) if isinstance(exc, (RegistryError, WorkerError)) else f"{type(exc).__name__}: {exc}"
