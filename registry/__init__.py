@@ -3,10 +3,10 @@ from prefixfleet.registry.errors import IntegrityError, InvalidUserKey, NotFound
 from prefixfleet.registry.home import home_dir
 from prefixfleet.registry.keys import UserKey
 from prefixfleet.registry.maintenance import Fault, FsckReport, fsck, gc
-from prefixfleet.registry.refs import ForgetReceipt, PublishRequest, VersionRef
+from prefixfleet.registry.refs import ForgetReceipt, VersionRef
 from prefixfleet.registry.registry import Registry, RegistryAddress
 
 __all__ = [
     "Fault", "ForgetReceipt", "FsckReport", "IntegrityError", "InvalidUserKey", "NotFound",
-    "PublishRequest", "Registry", "RegistryAddress", "RegistryError", "UserKey", "VersionRef", "fsck", "gc", "home_dir",
+    "Registry", "RegistryAddress", "RegistryError", "UserKey", "VersionRef", "fsck", "gc", "home_dir",
 ]

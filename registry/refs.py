@@ -124,18 +124,6 @@ class VersionRef:
 
 
 @dataclass(frozen=True)
-class PublishRequest:
-    """One publish for `Registry.publish_many`; fields mirror `Registry.publish`."""
-
-    key: UserKey
-    artifact: bytes
-    metrics: dict[str, float] | None = None
-    run_id: str | None = None
-    alias: str | None = "candidate"
-    tags: dict[str, str] | None = None
-
-
-@dataclass(frozen=True)
 class ForgetReceipt:
     """Everything `forget` removed for one user."""
 

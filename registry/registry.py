@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Hashable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
 from prefixfleet.registry.home import home_dir
 from prefixfleet.registry.keys import UserKey, check_namespace, check_prefix
-from prefixfleet.registry.refs import ForgetReceipt, PublishRequest, VersionRef
+from prefixfleet.registry.refs import ForgetReceipt, VersionRef
 from prefixfleet.registry.store import FileStore, open_store
 
 RECENT = 20  # versions read back after a publish to settle twins and the alias
@@ -128,25 +128,6 @@ class Registry:
         if aliased and alias == refs.PRODUCTION:
             self._record_production(name, kept.version)
         return VersionRef.from_record(key, kept, aliases=[alias] if aliased and alias else [])
-
-    def publish_many(self, requests: Iterable[PublishRequest], max_workers: int = 16) -> list[VersionRef | Exception]:
-        """Publish concurrently (at most `max_workers` in flight); results in request order,
-        an exception in place of each failed publish."""
-        def one(r: PublishRequest) -> VersionRef | Exception:
-            try:
-                return self.publish(r.key, r.artifact, metrics=r.metrics, run_id=r.run_id, alias=r.alias, tags=r.tags)
-            except Exception as exc:  # noqa: BLE001 - reported per request
-                return exc
-
-        window = threading.BoundedSemaphore(2 * max_workers)
-        futures: list[Future[VersionRef | Exception]] = []
-        with ThreadPoolExecutor(max_workers, thread_name_prefix="registry-publish") as pool:
-            for request in requests:
-                window.acquire()
-                future = pool.submit(one, request)
-                future.add_done_callback(lambda _: window.release())
-                futures.append(future)
-        return [f.result() for f in futures]
 
     def find(self, key: UserKey, *, data_fingerprint: str, spec: str, backbone_fingerprint: str,
              settings: str = "") -> VersionRef | None:

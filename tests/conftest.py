@@ -11,20 +11,27 @@
 - `local_env` / `server_env`: set PREFIXFLEET_HOME / MLFLOW_TRACKING_URI, PREFIXFLEET_STORE,
   AWS_ENDPOINT_URL and PREFIXFLEET_MODEL_PREFIX so that `Registry.from_env()` (and the CLI)
   land on an isolated registry; they return the variables set.
+- `local_ray`: Ray on this machine with 2 CPUs, one for the whole session.
+- `tiny_backbones`: the one tiny-backbone builder (`tests/fixtures/backbones.py`), session-wide.
 
 Servers start in the background as soon as collection shows a test that needs them.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from prefixfleet.registry import Registry
 from tests.fixtures import servers
+
+if TYPE_CHECKING:
+    from tests.fixtures.backbones import TinyBackbones
 
 _SERVER_FIXTURES = {"mlflow_server", "mlflow_server_uri", "s3_endpoint", "s3_bucket", "server_registry",
                     "make_server_registry", "server_env"}
@@ -157,3 +164,25 @@ def server_env(monkeypatch: pytest.MonkeyPatch, mlflow_server_uri: str, s3_endpo
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """Ray on this machine with 2 CPUs for the whole session, shut down at its end. Every test that
+    runs Ray (directly or through a job or a CLI command in this process) asks for this fixture."""
+    import ray
+
+    from prefixfleet.pipelines.cluster import LOCAL_OBJECT_STORE_BYTES
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> TinyBackbones:
+    from tests.fixtures.backbones import TinyBackbones  # here: registry-only runs need no torch
+
+    return TinyBackbones(tmp_path_factory.mktemp("backbones"))

@@ -3,6 +3,7 @@ circle — counting imports inside functions and under TYPE_CHECKING, where circ
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,41 @@ def test_the_cycle_finder_finds_a_circle_hidden_in_a_function(tmp_path: Path) ->
 def test_the_artifact_format_is_defined_once() -> None:
     defining = sorted(name for name, path in _modules().items() if '"prefixfleet/1"' in path.read_text())
     assert defining == ["prefixfleet.workers.artifact_format"]
+
+
+def _test_files() -> list[Path]:
+    return sorted((ROOT / "tests").rglob("*.py"))
+
+
+def test_no_test_imports_a_conftest() -> None:
+    """Fixtures come from conftest by name; helpers live in tests/fixtures or *_support modules."""
+    offenders = []
+    for path in _test_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[-1] == "conftest"]
+    assert offenders == []
+
+
+def test_ray_and_tiny_backbones_are_started_and_built_in_one_place() -> None:
+    """One session-scoped Ray for the suite (whoever started it decided its teardown before) and
+    one tiny-backbone builder."""
+    def files_calling(name: str) -> list[str]:
+        return [str(p.relative_to(ROOT)) for p in _test_files()
+                if any(isinstance(n, ast.Call) and ast.unparse(n.func) == name for n in ast.walk(ast.parse(p.read_text())))]
+
+    assert files_calling("ray.init") == ["tests/conftest.py"]
+    assert files_calling("build_backbone") == ["tests/fixtures/backbones.py"]
+
+
+def test_no_bare_room_import_even_inside_a_string() -> None:
+    """ruff bans bare `import registry`; this also catches one in code handed to `python -c`."""
+    bare = re.compile(rf"^\s*(?:from|import) (?:{'|'.join(ROOMS)})\b", re.MULTILINE)
+    sources = [p for folder in (*ROOMS, "tests", "benchmarks", "infra") for p in (ROOT / folder).rglob("*.py")]
+    offenders = []
+    for path in sources:
+        for text in [path.read_text()] + [n.value for n in ast.walk(ast.parse(path.read_text()))
+                                          if isinstance(n, ast.Constant) and isinstance(n.value, str)]:
+            offenders += [f"{path.relative_to(ROOT)}: {m.group().strip()}" for m in bare.finditer(text.replace("\\n", "\n"))]
+    assert offenders == []

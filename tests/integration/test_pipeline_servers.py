@@ -21,16 +21,16 @@ from prefixfleet.pipelines.training.fleet import ACTOR_NAME
 from prefixfleet.pipelines.training.job import JobRequest, JobSummary, run_job, start_fleet
 from prefixfleet.registry import Registry, UserKey, VersionRef
 from prefixfleet.workers.spec import TrainConfig
-from tests.pipelines.pipeline_support import STEPS, ensure_ray, restyled, synthetic, tiny_backbone, write_jsonl
+from tests.fixtures.backbones import TinyBackbones
+from tests.pipelines.pipeline_support import BACKBONE, STEPS, restyled, synthetic, write_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.servers]
 USERS = 4
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    ensure_ray()
-    return tiny_backbone(tmp_path_factory.mktemp("backbone"))
+def backbone(tiny_backbones: TinyBackbones, local_ray: None) -> str:
+    return tiny_backbones.path(**BACKBONE)
 
 
 def upload(endpoint: str, bucket: str, key: str, rows: list[dict]) -> str:
@@ -40,7 +40,7 @@ def upload(endpoint: str, bucket: str, key: str, rows: list[dict]) -> str:
 
 
 def by_user(summary: JobSummary) -> dict[str, object]:
-    return {o.user_id: o for o in summary.per_user}
+    return {o.key.user_id: o for o in summary.per_user}
 
 
 def current(registry: Registry, key: UserKey, alias: str = "production") -> VersionRef:

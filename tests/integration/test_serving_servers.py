@@ -11,13 +11,13 @@ import pytest
 
 from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
 from prefixfleet.registry import Registry
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, each_alone, publish_user, tiny_backbone
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, each_alone, publish_user
 
 pytestmark = pytest.mark.servers
 
 
-def test_serving_from_the_real_servers(make_server_registry, s3_endpoint, tmp_path_factory):
-    backbone = tiny_backbone(tmp_path_factory)
+def test_serving_from_the_real_servers(make_server_registry, s3_endpoint, tiny_backbones):
+    backbone = tiny_backbones.load()
     registry = make_server_registry(resolve_ttl=0.2)
     other = Registry(registry.tracking_uri, registry.store_uri, s3_endpoint_url=s3_endpoint,
                      model_prefix=registry.prefix)

@@ -1,27 +1,10 @@
 """Fixtures shared by the pipelines tests."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import pytest
 import torch
-
-
-@pytest.fixture(scope="session")
-def local_ray() -> Iterator[None]:
-    """Ray on this machine with 2 CPUs, started once for the session (or the one already running)."""
-    import ray
-
-    from prefixfleet.pipelines.cluster import LOCAL_OBJECT_STORE_BYTES
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

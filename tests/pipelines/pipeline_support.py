@@ -2,37 +2,23 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-import ray
 import typer.main
 from click.testing import CliRunner, Result
 
 from prefixfleet.pipelines.cli import app
-from prefixfleet.pipelines.cluster import LOCAL_OBJECT_STORE_BYTES
 from prefixfleet.workers.synthetic import dataset, user_rows
-from prefixfleet.workers.tiny import build_backbone
 
 STEPS = 12
 EXAMPLES = 12
-
-
-def ensure_ray() -> None:
-    """Local Ray with 2 CPUs, once per test process (whichever test module asks first)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 logging_level=logging.WARNING)
+BACKBONE = {"seed": 3, "hidden": 32}  # the pipeline tests' backbone: `tiny_backbones.path(**BACKBONE)`
 
 
 def cli(*args: str) -> Result:
     """`prefixfleet ARGS…` in this process; stdout and stderr kept apart."""
     return CliRunner().invoke(typer.main.get_command(app), list(args))
-
-
-def tiny_backbone(folder: Path) -> str:
-    return str(build_backbone(folder, "gpt2", seed=3, hidden=32, layers=2))
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:

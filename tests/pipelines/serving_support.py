@@ -2,24 +2,18 @@
 generating for one user alone gives."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from prefixfleet.registry import Registry, UserKey, VersionRef
 from prefixfleet.workers.artifact import ArtifactMeta, serialize
-from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.generate import generate
 from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
 from prefixfleet.workers.spec import PrefixSpec
-from prefixfleet.workers.tiny import build_backbone
 
 SPEC = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5)
 PROMPTS = ("order 3 kite for Bo\n", "hi there", "order 9 lamp for Kim, and a longer note\n", "Dear Ana")
 NEW_TOKENS = 8
-
-
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, family: str = "gpt2", seed: int = 1) -> Backbone:
-    return load_backbone(str(build_backbone(tmp_path_factory.mktemp(f"{family}-{seed}") / family, family, seed=seed)))
 
 
 def random_prefix(backbone: Backbone, seed: int, spec: PrefixSpec = SPEC) -> PrefixTensors:

@@ -10,15 +10,15 @@ import pytest
 from mlflow import MlflowClient
 
 from prefixfleet.registry import Registry, UserKey
-from tests.pipelines.pipeline_support import STEPS, cli, ensure_ray, synthetic, tiny_backbone, write_jsonl
+from tests.fixtures.backbones import TinyBackbones
+from tests.pipelines.pipeline_support import BACKBONE, STEPS, cli, synthetic, write_jsonl
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    ensure_ray()
-    return tiny_backbone(tmp_path_factory.mktemp("backbone"))
+def backbone(tiny_backbones: TinyBackbones, local_ray: None) -> str:
+    return tiny_backbones.path(**BACKBONE)
 
 
 def test_train_then_rerun_publishes_nothing(backbone: str, local_env: dict[str, str], tmp_path: Path) -> None:
@@ -55,8 +55,7 @@ def test_train_then_rerun_publishes_nothing(backbone: str, local_env: dict[str, 
         assert len(registry.history(UserKey("default", user["user_id"]))) == 1
 
 
-def test_demo_own_prefix_is_lowest(local_env: dict[str, str]) -> None:
-    ensure_ray()
+def test_demo_own_prefix_is_lowest(local_env: dict[str, str], local_ray: None) -> None:
     result = cli("demo", "--users", "3", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)

@@ -3,8 +3,6 @@ at publish while production is unchanged, against production re-evaluated once i
 never re-promoting a version a rollback took production from. Real trainer, real embedded registry."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from prefixfleet.pipelines.training.actor import UserTrainer
@@ -15,8 +13,8 @@ from prefixfleet.workers.artifact import ArtifactMeta, serialize
 from prefixfleet.workers.data import data_fingerprint
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.trainer import UserRequest, evaluate, prepare, train_user
-from tests.pipelines.pipeline_support import tiny_backbone
-from tests.workers.conftest import examples_for
+from tests.fixtures.backbones import TinyBackbones, examples_for
+from tests.pipelines.pipeline_support import BACKBONE
 
 ALICE = UserKey("default", "alice")
 SPEC = PrefixSpec(num_virtual_tokens=4, reparam_hidden=32)
@@ -25,9 +23,9 @@ EXAMPLES = tuple(examples_for(2, 16))
 
 
 @pytest.fixture
-def trainer(local_env: dict, tmp_path: Path):
+def trainer(local_env: dict, tiny_backbones: TinyBackbones):
     registry = Registry.from_env()
-    trainer = UserTrainer(tiny_backbone(tmp_path / "backbone"), registry.address)
+    trainer = UserTrainer(tiny_backbones.path(**BACKBONE), registry.address)
     yield trainer
     trainer.close()
     registry.close()

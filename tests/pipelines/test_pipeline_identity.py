@@ -11,17 +11,16 @@ import pytest
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.backbone import load_backbone
 from prefixfleet.workers.spec import DEFAULT_LR
-from prefixfleet.workers.tiny import build_backbone
 from tests.fixtures import legacy
-from tests.pipelines.pipeline_support import STEPS, cli, ensure_ray, synthetic, tiny_backbone, write_jsonl
+from tests.fixtures.backbones import TinyBackbones
+from tests.pipelines.pipeline_support import BACKBONE, STEPS, cli, synthetic, write_jsonl
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
-    ensure_ray()
-    return tiny_backbone(tmp_path_factory.mktemp("backbone"))
+def backbone(tiny_backbones: TinyBackbones, local_ray: None) -> str:
+    return tiny_backbones.path(**BACKBONE)
 
 
 def train(*args: str) -> dict:
@@ -76,11 +75,10 @@ def test_a_version_whose_job_stopped_before_its_gate_is_promoted_by_the_next_run
 
 
 def test_a_registry_written_by_the_earlier_release_resolves_serves_and_is_not_retrained(
-        local_env: dict, tmp_path: Path) -> None:
-    ensure_ray()
+        local_env: dict, tiny_backbones: TinyBackbones, local_ray: None) -> None:
     registry = Registry.from_env()
     old = legacy.restore(registry)
-    backbone = str(build_backbone(tmp_path / "backbone", "gpt2", seed=1))
+    backbone = tiny_backbones.path("gpt2", seed=1)  # the backbone the earlier release trained on
     assert load_backbone(backbone).fingerprint == old.job_params["backbone_fingerprint"]
 
     ref = registry.resolve(UserKey("default", "user-00000"), "production")

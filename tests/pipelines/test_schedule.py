@@ -173,7 +173,8 @@ def test_a_job_held_by_another_scheduler_process_is_skipped(tmp_path: Path) -> N
     runner = FakeRunner(clock, [1.0])
     scheduler = _scheduler(tmp_path, "* * * * *", clock, runner, [])
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom pipelines.scheduler import job_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from prefixfleet.pipelines.scheduling.cron import job_lock\n"
          "with job_lock(Path(sys.argv[1])) as held:\n    assert held is None\n    print('held', flush=True)\n"
          "    time.sleep(60)\n", str(scheduler.lock_path)],
         stdout=subprocess.PIPE, text=True,

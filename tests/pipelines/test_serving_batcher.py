@@ -14,7 +14,7 @@ from prefixfleet.registry import VersionRef
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import PrefixTensors
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, SPEC, random_prefix, tiny_backbone
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, SPEC, random_prefix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,8 +22,8 @@ GREEDY = GenerationParams(max_new_tokens=NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory)
+def backbone(tiny_backbones):
+    return tiny_backbones.load()
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ import torch
 from prefixfleet.pipelines.serving.cache import PrefixCache, tensors_nbytes
 from prefixfleet.registry import NotFound, Registry, UserKey
 from prefixfleet.workers.errors import BackboneMismatch
-from tests.pipelines.serving_support import publish_user, random_prefix, tiny_backbone
+from tests.pipelines.serving_support import publish_user, random_prefix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory)
+def backbone(tiny_backbones):
+    return tiny_backbones.load()
 
 
 def test_tiers_answer_in_order_device_host_registry(local_registry, backbone):
@@ -74,8 +74,8 @@ def test_unknown_user_is_not_found(local_registry, backbone):
         PrefixCache(local_registry, backbone).get(UserKey("default", "nobody"))
 
 
-def test_prefix_of_another_backbone_is_refused_before_fetching(local_registry, backbone, tmp_path_factory):
-    other = tiny_backbone(tmp_path_factory, seed=2)
+def test_prefix_of_another_backbone_is_refused_before_fetching(local_registry, backbone, tiny_backbones):
+    other = tiny_backbones.load(seed=2)
     publish_user(local_registry, other, "eve", seed=6)
     cache = PrefixCache(local_registry, backbone)
     with pytest.raises(BackboneMismatch, match="never used"):

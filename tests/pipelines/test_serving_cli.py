@@ -20,14 +20,14 @@ from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.artifact import ArtifactMeta, serialize
 from prefixfleet.workers.spec import PrefixSpec
 from tests.fixtures.servers import free_port
-from tests.pipelines.serving_support import PROMPTS, alone, publish_user, random_prefix, tiny_backbone
+from tests.pipelines.serving_support import PROMPTS, alone, publish_user, random_prefix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory)
+def backbone(tiny_backbones):
+    return tiny_backbones.load()
 
 
 @pytest.fixture
@@ -51,9 +51,9 @@ def test_generate_uses_the_backbone_recorded_with_the_prefix(home_registry, back
     assert plain.stdout == body["text"] + "\n"
 
 
-def test_generate_refuses_a_backbone_whose_fingerprint_differs(home_registry, backbone, tmp_path_factory):
+def test_generate_refuses_a_backbone_whose_fingerprint_differs(home_registry, backbone, tiny_backbones):
     publish_user(home_registry, backbone, "bob", seed=2)
-    other = tiny_backbone(tmp_path_factory, seed=3)
+    other = tiny_backbones.load(seed=3)
     result = run("generate", "bob", "--prompt", "hi", "--backbone", other.name_or_path)
     assert result.exit_code == 1
     assert "never used" in result.stderr and "error:" in result.stderr

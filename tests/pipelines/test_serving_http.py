@@ -13,7 +13,7 @@ from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeC
 from prefixfleet.registry import Registry
 from prefixfleet.workers.backbone import Backbone
 from tests.fixtures.servers import make_local_registry
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, tiny_backbone
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,8 +21,8 @@ USERS = [f"user-{i:02d}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Backbone:
-    return tiny_backbone(tmp_path_factory)
+def backbone(tiny_backbones) -> Backbone:
+    return tiny_backbones.load()
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_a_request_that_cannot_fit_the_context_is_422(client, backbone):
     assert "exceeds the backbone's context" in response.json()["detail"]
 
 
-def test_prefix_of_another_backbone_is_409_and_never_used(client, registry, tmp_path_factory):
-    publish_user(registry, tiny_backbone(tmp_path_factory, seed=2), "stranger", seed=5)
+def test_prefix_of_another_backbone_is_409_and_never_used(client, registry, tiny_backbones):
+    publish_user(registry, tiny_backbones.load(seed=2), "stranger", seed=5)
     response = ask(client, "stranger", "hi")
     assert response.status_code == 409
     assert "never used" in response.json()["detail"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixfleet.workers.backbone import Backbone, load_backbone
+from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
 from prefixfleet.workers.spec import METHODS, PrefixSpec
-from prefixfleet.workers.tiny import SPECIAL_TOKENS, build_backbone
+from prefixfleet.workers.tiny import SPECIAL_TOKENS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,14 +21,13 @@ NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def backbones(tmp_path_factory) -> dict[str, Backbone]:
+def backbones(tiny_backbones) -> dict[str, Backbone]:
     """Tiny backbones that never stop early: random tiny models emit end-of-sequence or padding at
     once, which would make every row trivially equal. Without special tokens each row runs its full
     length and its tokens depend on its prefix."""
-    root = tmp_path_factory.mktemp("mixed-batch")
     out = {}
     for family in FAMILIES:
-        backbone = load_backbone(str(build_backbone(root / family, family, seed=1)))
+        backbone = tiny_backbones.load(family)
         backbone.model.generation_config.eos_token_id = None
         backbone.model.generation_config.suppress_tokens = list(range(len(SPECIAL_TOKENS)))
         out[family] = backbone

@@ -10,7 +10,7 @@ import pytest
 
 from prefixfleet.pipelines.serving import ServeConfig, ray_app
 from tests.fixtures.servers import free_port
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, each_alone, publish_user, tiny_backbone
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, each_alone, publish_user
 
 pytestmark = pytest.mark.ray
 
@@ -23,8 +23,8 @@ def ray_serve(local_ray) -> Iterator[None]:
     serve.shutdown()
 
 
-def test_ray_serve_deployment_answers(ray_serve, local_registry, tmp_path_factory):
-    backbone = tiny_backbone(tmp_path_factory)
+def test_ray_serve_deployment_answers(ray_serve, local_registry, tiny_backbones):
+    backbone = tiny_backbones.load()
     users = {f"r{i}": publish_user(local_registry, backbone, f"r{i}", seed=i)[1] for i in range(4)}
     where = local_registry.address
     port = free_port()

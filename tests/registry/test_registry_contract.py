@@ -12,7 +12,6 @@ import pytest
 from prefixfleet.registry import (
     IntegrityError,
     NotFound,
-    PublishRequest,
     Registry,
     RegistryError,
     UserKey,
@@ -125,16 +124,6 @@ def test_publish_without_alias_and_non_finite_metrics(registry):
     assert ref.to_json()["metrics"] == {"eval_loss": None}
     with pytest.raises(NotFound):
         registry.resolve(ALICE, "candidate")
-
-
-def test_publish_many_keeps_order_and_reports_failures_in_place(registry):
-    requests = [PublishRequest(UserKey("default", f"u{i}"), make_artifact("default", f"u{i}"), metrics={"eval_loss": i})
-                for i in range(6)]
-    requests.insert(3, PublishRequest(UserKey("default", "x"), make_artifact("default", "y")))
-    results = registry.publish_many(iter(requests), max_workers=3)
-    assert isinstance(results[3], IntegrityError)
-    ok = [r for r in results if isinstance(r, VersionRef)]
-    assert [r.user_id for r in ok] == [f"u{i}" for i in range(6)] and {r.version for r in ok} == {1}
 
 
 def test_list_users_streams_pages_and_keeps_namespaces_apart(registry, monkeypatch):

@@ -13,7 +13,7 @@ from prefixfleet.workers.data import Example, encode
 from prefixfleet.workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.trainer import UserRequest, train_user, train_users
-from tests.workers.conftest import examples_for
+from tests.fixtures.backbones import examples_for
 
 
 def test_empty_example_list_names_the_user(backbones):

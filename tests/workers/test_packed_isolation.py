@@ -17,7 +17,7 @@ import torch
 from prefixfleet.workers.data import Example
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
 from prefixfleet.workers.trainer import UserRequest, train_users
-from tests.workers.conftest import FAMILIES, examples_for
+from tests.fixtures.backbones import FAMILIES, examples_for
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=4, reparam_hidden=32)
 PACKED_ATOL = 1e-4  # packed vs alone, any thread count (float32, prefix values of order 1)

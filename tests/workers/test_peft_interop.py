@@ -12,8 +12,8 @@ from prefixfleet.workers.forward import logits
 from prefixfleet.workers.peft_interop import export_peft, import_peft
 from prefixfleet.workers.prefix import UserPrefix
 from prefixfleet.workers.spec import PrefixSpec
+from tests.fixtures.backbones import examples_for
 from tests.fixtures.peft_logits import peft_logits
-from tests.workers.conftest import examples_for
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

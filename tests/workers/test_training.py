@@ -12,7 +12,7 @@ from prefixfleet.workers.forward import logits
 from prefixfleet.workers.generate import generate
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
 from prefixfleet.workers.trainer import UserRequest, train_user
-from tests.workers.conftest import FAMILIES, examples_for
+from tests.fixtures.backbones import FAMILIES, examples_for
 
 CONFIG = TrainConfig(steps=30, batch_size=8)
 

@@ -10,7 +10,7 @@ from prefixfleet.workers.forward import logits, row_losses
 from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import UserPrefix
 from prefixfleet.workers.spec import METHODS, PrefixSpec
-from tests.workers.conftest import FAMILIES
+from tests.fixtures.backbones import FAMILIES
 
 PROMPTS = ["order 3 kite for Bo\n", "Dear Ana,", "ship 12 mugs"]
 
