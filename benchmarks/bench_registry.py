@@ -130,7 +130,7 @@ def request_latency(uri: str, reg: Registry, name: str) -> list[Row]:
             pct(timed(lambda: reg.catalog.get_version_by_alias(name, "candidate"), 100), 0.5), "ms"),
         Row("GET /health (the server's floor), p50",
             pct(timed(lambda: nagle.get(f"{uri}/health").content, 100), 0.5),
-            pct(timed(lambda: reg.catalog.session.get(f"{uri}/health").content, 100), 0.5), "ms"),
+            pct(timed(lambda: reg.catalog.inner.session.get(f"{uri}/health").content, 100), 0.5), "ms"),
     ]
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefixfleet.registry import refs
-from prefixfleet.registry.catalog import Missing, VersionRecord, retrying
+from prefixfleet.registry.catalog import Missing, VersionRecord
 from prefixfleet.registry.errors import IntegrityError
 from prefixfleet.registry.header import read_header
 from prefixfleet.registry.keys import SHA256_DIGEST, UserKey, unescape
@@ -86,7 +86,7 @@ def _version_fault(reg: Registry, key: UserKey, rec: VersionRecord, sizes: dict[
 
 def _delete_version(reg: Registry, name: str, version: int) -> None:
     try:
-        retrying(lambda: reg.catalog.delete_version(name, version))
+        reg.catalog.delete_version(name, version)
     except Missing:
         pass
 
@@ -132,7 +132,7 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
             if version not in live:
                 if repair:
                     try:
-                        retrying(lambda name=name, alias=alias: reg.catalog.delete_alias(name, alias))
+                        reg.catalog.delete_alias(name, alias)
                     except Missing:
                         pass
                 report.faults.append(Fault("dangling_alias", name, f"alias {alias!r} names missing version {version}",

@@ -20,6 +20,7 @@ RUN_ID, CREATED_AT = TAG + "run_id", TAG + "created_at"
 IDENTITY = TAG + "identity"  # hash of (data fingerprint, spec, backbone, settings): exactly-once key
 SETTINGS = TAG + "settings"  # the training settings (absent on versions written before they were recorded)
 ALIAS_REQUEST = TAG + "alias_request"  # the alias its publish asked for
+PUBLISH_TOKEN = TAG + "publish_token"  # one per publish call: tells its own retried creates from others'
 METRIC, USER_TAG = TAG + "metric.", TAG + "tag."
 MODEL_NAMESPACE, MODEL_USER = TAG + "namespace", TAG + "user_id"
 PRODUCTION_HISTORY = TAG + "production_history"

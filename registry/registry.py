@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import uuid
 from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,8 +14,7 @@ from pathlib import Path
 
 from prefixfleet.registry import refs
 from prefixfleet.registry.cache import ContentCache, ResolutionCache
-from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog, retrying
-from prefixfleet.registry.catalog.rest import RestCatalog
+from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
 from prefixfleet.registry.home import home_dir
@@ -104,14 +104,15 @@ class Registry:
         header.check_binding(key)
         if alias is not None:
             refs.check_alias(alias)
-        if isinstance(self.catalog, RestCatalog) and isinstance(self.store, FileStore):
+        if self.tracking_uri.startswith(("http://", "https://")) and isinstance(self.store, FileStore):
             raise RegistryError("an MLflow server does not register file:// artifacts; "
                                 "set PREFIXFLEET_STORE to s3://bucket/prefix")
         sha256 = hashlib.sha256(artifact).hexdigest()
         tags_ = refs.version_tags(header, sha256, len(artifact), metrics=metrics, run_id=run_id,
                                   alias=alias, tags=tags)
+        tags_[refs.PUBLISH_TOKEN] = uuid.uuid4().hex
         name = key.model_name(self.prefix)
-        created = retrying(lambda: self.catalog.create_model(name, refs.model_tags(key)))
+        created = self.catalog.create_model(name, refs.model_tags(key))
         if not created and (twin := self._oldest_twin(name, header.identity)):
             return self._exact_ref(key, name, twin.version)
         object_key = key.object_key(sha256)
@@ -140,21 +141,21 @@ class Registry:
 
     def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:
         """A fresh read of one version, aliases included (searches do not report aliases)."""
-        rec = retrying(lambda: self.catalog.get_version(name, version))
+        rec = self.catalog.get_version(name, version)
         if rec is None:
             raise self._not_found(key, name, version)
         return VersionRef.from_record(key, rec)
 
     def _create_version(self, key: UserKey, name: str, uri: str, tags: dict[str, str]) -> VersionRecord:
         try:
-            return retrying(lambda: self.catalog.create_version(name, uri, tags))
+            return self.catalog.create_version(name, uri, tags)
         except Missing:  # the model was forgotten between our create and this call
-            retrying(lambda: self.catalog.create_model(name, refs.model_tags(key)))
-            return retrying(lambda: self.catalog.create_version(name, uri, tags))
+            self.catalog.create_model(name, refs.model_tags(key))
+            return self.catalog.create_version(name, uri, tags)
 
     def _oldest_twin(self, name: str, ident: str) -> VersionRecord | None:
-        found, _ = retrying(lambda: self.catalog.search_versions(
-            f"name = '{name}' AND tags.`{refs.IDENTITY}` = '{ident}'", order_by="version_number ASC", max_results=1))
+        found, _ = self.catalog.search_versions(
+            f"name = '{name}' AND tags.`{refs.IDENTITY}` = '{ident}'", order_by="version_number ASC", max_results=1)
         return found[0] if found else None
 
     def _settle(self, name: str, mine: VersionRecord, alias: str | None) -> tuple[VersionRecord, bool]:
@@ -162,16 +163,19 @@ class Registry:
         newest surviving version that asked for it. Whoever writes the alias reads the versions
         again and corrects the alias until the read agrees with its last write, so the last
         writer always leaves the newest requester and no concurrent update is lost. Deletes
-        `mine` if it is a younger twin. Returns (kept version, whether the alias is on it)."""
-        ident = mine.tags[refs.IDENTITY]
+        `mine` if it is a younger twin, and any version an earlier attempt of this publish created
+        (a create whose response was lost: same publish token). Returns (kept version, whether the
+        alias is on it)."""
+        ident, token = mine.tags[refs.IDENTITY], mine.tags[refs.PUBLISH_TOKEN]
         written: int | None = None
         if alias:
-            retrying(lambda: self.catalog.set_alias(name, alias, mine.version))
+            self.catalog.set_alias(name, alias, mine.version)
             written = mine.version
         kept: VersionRecord | None = None
+        leftovers: set[int] = set()
         for _ in range(_SETTLE_ROUNDS):
-            recent, more = retrying(lambda: self.catalog.search_versions(
-                f"name = '{name}'", order_by="version_number DESC", max_results=RECENT))
+            recent, more = self.catalog.search_versions(
+                f"name = '{name}'", order_by="version_number DESC", max_results=RECENT)
             oldest: dict[str, int] = {}
             for v in reversed(recent):
                 oldest.setdefault(v.tags.get(refs.IDENTITY, ""), v.version)
@@ -179,6 +183,8 @@ class Registry:
                 kept = next((v for v in recent if v.version == oldest.get(ident)), mine)
                 if more and (older := self._oldest_twin(name, ident)) and older.version < kept.version:
                     kept = older  # the page was full: a twin may lie beyond it
+                leftovers = {v.version for v in recent if v.tags.get(refs.PUBLISH_TOKEN) == token
+                           and v.version not in (kept.version, mine.version)}
             if not alias:
                 break
             lost = kept.version != mine.version
@@ -187,12 +193,12 @@ class Registry:
                           and not (lost and v.version == mine.version)), default=None)
             if wanted is None or wanted == written:
                 break
-            retrying(lambda wanted=wanted: self.catalog.set_alias(name, alias, wanted))
+            self.catalog.set_alias(name, alias, wanted)
             written = wanted
         kept = kept or mine
-        if kept.version != mine.version:
+        for version in sorted(leftovers | ({mine.version} - {kept.version})):
             try:
-                retrying(lambda: self.catalog.delete_version(name, mine.version))
+                self.catalog.delete_version(name, version)
             except Missing:
                 pass
         return kept, written == kept.version
@@ -250,7 +256,7 @@ class Registry:
 
     def rolled_back(self, key: UserKey) -> list[int]:
         """The versions a rollback took production away from, oldest first ([] for an unknown user)."""
-        model = retrying(lambda: self.catalog.get_model(key.model_name(self.prefix)))
+        model = self.catalog.get_model(key.model_name(self.prefix))
         return refs.version_list(model.tags, refs.ROLLED_BACK) if model else []
 
     def list_users(self, namespace: str) -> Iterator[UserKey]:
@@ -263,7 +269,7 @@ class Registry:
         pattern = f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
         token: str | None = None
         while True:
-            page, token = retrying(lambda token=token: self.catalog.search_models(pattern, token))
+            page, token = self.catalog.search_models(pattern, token)
             for m in page:
                 key = UserKey.from_model_name(m.name, self.prefix)
                 if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
@@ -275,8 +281,8 @@ class Registry:
         """Every live version record of a registered model, newest first."""
         token: str | None = None
         while True:
-            page, token = retrying(lambda token=token: self.catalog.search_versions(
-                f"name = '{name}'", order_by="version_number DESC", max_results=1000, page_token=token))
+            page, token = self.catalog.search_versions(
+                f"name = '{name}'", order_by="version_number DESC", max_results=1000, page_token=token)
             yield from page
             if not token:
                 return
@@ -284,9 +290,9 @@ class Registry:
     def _resolve_now(self, key: UserKey, name: str, selector: Hashable) -> VersionRef:
         generation = self._resolutions.generation(name)
         if isinstance(selector, int):
-            rec = retrying(lambda: self.catalog.get_version(name, selector))
+            rec = self.catalog.get_version(name, selector)
         else:
-            rec = retrying(lambda: self.catalog.get_version_by_alias(name, str(selector)))
+            rec = self.catalog.get_version_by_alias(name, str(selector))
         if rec is None:
             raise self._not_found(key, name, selector)
         ref = VersionRef.from_record(key, rec, alias=None if isinstance(selector, int) else str(selector))
@@ -334,7 +340,7 @@ class Registry:
         if rec is None:
             raise self._not_found(key, name, version)
         try:
-            retrying(lambda: self.catalog.set_alias(name, alias, version))
+            self.catalog.set_alias(name, alias, version)
             if alias == refs.PRODUCTION:
                 self._record_production(name, version)
         finally:
@@ -359,9 +365,9 @@ class Registry:
             raise NotFound(f"no earlier production version for user {key.user_id!r} in namespace {key.namespace!r}")
         rolled_back = (refs.version_list(model.tags, refs.ROLLED_BACK) + [current])[-100:]
         try:
-            retrying(lambda: self.catalog.set_alias(name, refs.PRODUCTION, history[-1]))
-            retrying(lambda: self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history)))
-            retrying(lambda: self.catalog.set_model_tag(name, refs.ROLLED_BACK, repr(rolled_back)))
+            self.catalog.set_alias(name, refs.PRODUCTION, history[-1])
+            self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history))
+            self.catalog.set_model_tag(name, refs.ROLLED_BACK, repr(rolled_back))
         finally:
             self._resolutions.invalidate(name)
         return self.resolve(key, refs.PRODUCTION)
@@ -371,7 +377,7 @@ class Registry:
         history = refs.version_list(model.tags if model else {})
         if not history or history[-1] != version:
             history = (history + [version])[-100:]
-            retrying(lambda: self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history)))
+            self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history))
 
     def forget(self, key: UserKey) -> ForgetReceipt:
         """Erase every version, alias, tag and artifact of the user (idempotent)."""
@@ -381,7 +387,7 @@ class Registry:
         try:
             if model:
                 try:
-                    retrying(lambda: self.catalog.delete_model(name))
+                    self.catalog.delete_model(name)
                 except Missing:
                     pass
             objects = self.store.delete_prefix(key.object_dir)

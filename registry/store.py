@@ -17,6 +17,10 @@ from botocore.exceptions import ClientError
 
 from prefixfleet.registry.errors import RegistryError
 
+# botocore's standard mode retries 5xx, throttling and connection errors with jittered backoff; a
+# conditional put whose first response was lost finds its own object on the retry (PreconditionFailed),
+# which `put` reads as "exists": the content is addressed by its hash, so it is ours.
+S3_ATTEMPTS = 8
 _SESSION = boto3.session.Session()
 _SESSION_LOCK = threading.Lock()
 
@@ -114,7 +118,7 @@ class S3Store(ObjectStore):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         config = Config(
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": S3_ATTEMPTS},
             max_pool_connections=max_pool_connections,
             tcp_keepalive=True,
             connect_timeout=5,

@@ -14,18 +14,23 @@ from prefixfleet.registry.catalog.base import (
     VersionRecord,
     is_write_race,
     mlflow_error,
-    retrying,
 )
+from prefixfleet.registry.catalog.retry import RetryingCatalog, RetryPolicy
 from prefixfleet.registry.errors import RegistryError
 
 __all__ = [
     "PAGE_MAX_MODELS", "AlreadyExists", "Catalog", "Missing", "ModelRecord", "Transient", "VersionRecord",
-    "is_write_race", "mlflow_error", "open_catalog", "retrying",
+    "RetryPolicy", "RetryingCatalog", "is_write_race", "mlflow_error", "open_catalog",
 ]
 
 
-def open_catalog(tracking_uri: str, *, pool_size: int = 32) -> Catalog:
-    """REST for http(s)://, an in-process SQL store for database URIs (sqlite, postgresql, mysql, mssql)."""
+def open_catalog(tracking_uri: str, *, pool_size: int = 32, policy: RetryPolicy | None = None) -> RetryingCatalog:
+    """REST for http(s)://, an in-process SQL store for database URIs (sqlite, postgresql, mysql,
+    mssql); either with every operation retried under `policy` (default: `RetryPolicy.from_env()`)."""
+    return RetryingCatalog(_backend(tracking_uri, pool_size), policy)
+
+
+def _backend(tracking_uri: str, pool_size: int) -> Catalog:
     scheme = tracking_uri.split(":", 1)[0].lower()
     if scheme in ("http", "https"):
         from prefixfleet.registry.catalog.rest import RestCatalog

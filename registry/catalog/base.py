@@ -2,16 +2,11 @@
 onto them (both backends raise through `mlflow_error`)."""
 from __future__ import annotations
 
-import random
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from prefixfleet.registry.errors import RegistryError
 
-T = TypeVar("T")
 PAGE_MAX_MODELS = 1000  # MLflow's cap on registered models per search page
 
 
@@ -120,12 +115,3 @@ class Catalog(ABC):
     def close(self) -> None:
         """Release connections."""
 
-
-def retrying(call: Callable[[], T], *, attempts: int = 12, base_delay: float = 0.005) -> T:
-    """Run `call`, retrying Transient failures with jittered exponential backoff (≈2.5 s in all)."""
-    for attempt in range(attempts - 1):
-        try:
-            return call()
-        except Transient:
-            time.sleep(random.uniform(0, base_delay * 2 ** min(attempt, 7)))
-    return call()

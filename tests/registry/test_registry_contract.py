@@ -200,7 +200,7 @@ def test_from_env_defaults_to_sqlite_and_files_under_the_home(local_env):
     with Registry.from_env() as reg:
         assert (reg.tracking_uri, reg.store_uri) == (f"sqlite:///{home}/mlflow.db", (home / "store").as_uri())
         reg.publish(ALICE, make_artifact("default", "alice"))
-        with reg.catalog.store.engine.connect() as conn:
+        with reg.catalog.inner.store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL: no fsync per commit
     with sqlite3.connect(home / "mlflow.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # concurrent writers
