@@ -4,13 +4,15 @@ from __future__ import annotations
 import logging
 import os
 
+from prefixfleet.registry.retry import DEADLINE_VAR
+
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # prefixes and examples are small; leave memory to training
 
 # Variables a trainer actor needs to reach the registry's servers. On local Ray they are forwarded
 # (the raylet may have started before they were set); on a cluster only the non-secret ones are:
 # credentials there come from the cluster's own environment (IAM role, Kubernetes secret).
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", DEADLINE_VAR)
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 

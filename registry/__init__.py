@@ -1,5 +1,5 @@
 """Per-user prefix registry on MLflow + an object store (file:// or s3://). Needs no torch."""
-from prefixfleet.registry.errors import IntegrityError, InvalidUserKey, NotFound, RegistryError
+from prefixfleet.registry.errors import IntegrityError, InvalidUserKey, NotFound, RegistryError, Unavailable
 from prefixfleet.registry.home import home_dir
 from prefixfleet.registry.keys import UserKey
 from prefixfleet.registry.maintenance import Fault, FsckReport, fsck, gc
@@ -8,5 +8,5 @@ from prefixfleet.registry.registry import Registry, RegistryAddress
 
 __all__ = [
     "Fault", "ForgetReceipt", "FsckReport", "IntegrityError", "InvalidUserKey", "NotFound",
-    "Registry", "RegistryAddress", "RegistryError", "UserKey", "VersionRef", "fsck", "gc", "home_dir",
+    "Registry", "RegistryAddress", "RegistryError", "Unavailable", "UserKey", "VersionRef", "fsck", "gc", "home_dir",
 ]

@@ -16,3 +16,8 @@ class IntegrityError(RegistryError):
 
 class InvalidUserKey(RegistryError, ValueError):
     """A namespace or user id that cannot be stored safely; the message names the problem."""
+
+
+class Unavailable(RegistryError):
+    """A server stayed unreachable past the outage deadline; nothing of the operation is lost, and
+    running it again once the server is back finishes it."""

@@ -7,20 +7,27 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from prefixfleet.registry.errors import RegistryError
+from prefixfleet.registry.retry import RetryPolicy
 
-# botocore's standard mode retries 5xx, throttling and connection errors with jittered backoff; a
-# conditional put whose first response was lost finds its own object on the retry (PreconditionFailed),
-# which `put` reads as "exists": the content is addressed by its hash, so it is ours.
-S3_ATTEMPTS = 8
+# botocore's standard mode retries 5xx, throttling and connection errors a few times; past those,
+# the registry's retry rule goes on until the outage deadline. A conditional put whose response
+# was lost finds its own object on the retry (PreconditionFailed), which `put` reads as "exists":
+# the content is addressed by its hash, so it is ours.
+S3_ATTEMPTS = 4
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+                              "InternalError", "RequestTimeTooSkewed"})
+T = TypeVar("T")
 _SESSION = boto3.session.Session()
 _SESSION_LOCK = threading.Lock()
 
@@ -109,13 +116,24 @@ class FileStore(ObjectStore):
                     yield path.relative_to(self.root).as_posix(), path.stat().st_size
 
 
+def _transient(exc: Exception) -> bool:
+    """A failure worth trying again: no connection, a broken one, throttling or a 5xx."""
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+    return False
+
+
 class S3Store(ObjectStore):
-    """Objects in an S3-compatible bucket; create-once with ``If-None-Match: *``; botocore's
-    standard retry mode handles throttling and transient 5xx."""
+    """Objects in an S3-compatible bucket; create-once with ``If-None-Match: *``; every call
+    retried through transient failures under the registry's retry rule."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 max_pool_connections: int = 32) -> None:
+                 max_pool_connections: int = 32, policy: RetryPolicy | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.policy = policy or RetryPolicy.from_env()
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         config = Config(
             retries={"mode": "standard", "max_attempts": S3_ATTEMPTS},
@@ -132,7 +150,13 @@ class S3Store(ObjectStore):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _retried(self, operation: str, call: Callable[[], T]) -> T:
+        return self.policy.run("S3", operation, call, _transient)
+
     def put(self, key: str, data: bytes) -> bool:
+        return self._retried("put", lambda: self._put(key, data))
+
+    def _put(self, key: str, data: bytes) -> bool:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
             return True
@@ -146,6 +170,9 @@ class S3Store(ObjectStore):
             raise
 
     def get(self, key: str) -> bytes | None:
+        return self._retried("get", lambda: self._get(key))
+
+    def _get(self, key: str) -> bytes | None:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except ClientError as exc:
@@ -154,13 +181,14 @@ class S3Store(ObjectStore):
             raise
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._retried("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def delete_prefix(self, prefix: str) -> list[str]:
-        keys = [key for key, _ in self.list(prefix)]
+        keys = self._retried("list", lambda: [key for key, _ in self.list(prefix)])
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            self._retried("delete", lambda batch=batch: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
         return keys
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:

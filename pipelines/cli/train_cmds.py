@@ -3,6 +3,7 @@ the job code are imported when one of these commands runs, not when the CLI star
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -14,6 +15,7 @@ from prefixfleet.pipelines.cli.common import HomeOption, JsonOption, NamespaceOp
 from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.registry import home_dir
 from prefixfleet.registry.errors import RegistryError
+from prefixfleet.registry.retry import DEADLINE_VAR
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
@@ -39,6 +41,10 @@ AddressOpt = Annotated[str | None, typer.Option(
 ActorsOpt = Annotated[int | None, typer.Option("--actors", help="Trainer actors (default: as many as fit).")]
 CpusOpt = Annotated[float, typer.Option("--actor-cpus", help="CPUs per trainer actor.")]
 GpusOpt = Annotated[float, typer.Option("--actor-gpus", help="GPUs per trainer actor; fractions share a GPU.")]
+OutageOpt = Annotated[float, typer.Option(
+    "--outage-deadline", help="Seconds to wait out an unreachable MLflow or S3 before the job stops; "
+                              "running it again finishes it.")]
+JOB_OUTAGE_DEADLINE_S = 180.0
 
 
 def _setup_logging() -> None:
@@ -50,11 +56,14 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
-def _run(request: JobRequest, home: Path | None, as_json: bool) -> JobSummary:
+def _run(request: JobRequest, home: Path | None, outage_deadline: float) -> JobSummary:
     with needs("train"):
         from prefixfleet.pipelines.training.data import DataError
         from prefixfleet.pipelines.training.job import run_job
 
+    if not outage_deadline > 0:
+        fail(f"--outage-deadline must be a positive number of seconds, got {outage_deadline}", code=2)
+    os.environ[DEADLINE_VAR] = str(outage_deadline)  # this process's registry and, forwarded, the actors'
     _setup_logging()
     registry = open_registry(home)
     try:
@@ -105,13 +114,13 @@ def train(
     data: DataArg, backbone: BackboneOpt, namespace: NamespaceOption = "default", method: MethodOpt = "prefix",
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
-    actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0, home: HomeOption = None,
-    as_json: JsonOption = False,
+    actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
+    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
     """Train every user in DATA, publish each as `candidate`, promote to `production` when the gate passes."""
     request = _request("train", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
                        pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus)
-    _report(_run(request, home, as_json), as_json)
+    _report(_run(request, home, outage_deadline), as_json)
 
 
 @app.command()
@@ -119,8 +128,8 @@ def retrain(
     data: DataArg, backbone: BackboneOpt, namespace: NamespaceOption = "default", method: MethodOpt = "prefix",
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
-    actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0, home: HomeOption = None,
-    as_json: JsonOption = False,
+    actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
+    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
     """Retrain only users whose data changed since their production prefix (warm start, same gate).
 
@@ -128,7 +137,7 @@ def retrain(
     """
     request = _request("retrain", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
                        pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus)
-    _report(_run(request, home, as_json), as_json)
+    _report(_run(request, home, outage_deadline), as_json)
 
 
 def _demo_tables(report: DemoReport) -> tuple[Table, Table]:

@@ -16,10 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
-from prefixfleet.pipelines.training.outcome import Outcome, reason_of
+from prefixfleet.pipelines.training.outcome import Outcome
 from prefixfleet.pipelines.training.plan import JobContext, UserTask
 from prefixfleet.pipelines.training.publisher import Measure, Production, Publisher
-from prefixfleet.registry import RegistryAddress
+from prefixfleet.registry import RegistryAddress, Unavailable
 from prefixfleet.workers.backbone import load_backbone, weights_checksum
 from prefixfleet.workers.prefix import PrefixTensors
 from prefixfleet.workers.trainer import UserRequest, UserResult, evaluate, prepare, train_users
@@ -57,14 +57,20 @@ class UserTrainer:
             return dict(self.counts)
 
     def train(self, tasks: list[UserTask], context: JobContext) -> list[Outcome]:
-        """Train, gate and publish a chunk of users; one outcome per task, in order."""
+        """Train, gate and publish a chunk of users; one outcome per task, in order. When a server
+        stays unreachable past the outage deadline, the users not trained yet are not started."""
         with self.lock:
             self.counts.update(chunk_size=len(tasks), chunk_done=0)
         outcomes: list[Outcome | Future[Outcome] | None] = [None] * len(tasks)
         requests: list[UserRequest] = []
         owners: list[int] = []  # requests[i] trains tasks[owners[i]]
         productions: list[Production] = []
+        down: Unavailable | None = None
         for index, task in enumerate(tasks):
+            if down is not None:
+                outcomes[index] = Outcome.not_started(task.key, down)
+                self._done()
+                continue
             try:
                 existing = self.publisher.existing(task, context)
                 if existing is not None:
@@ -77,8 +83,15 @@ class UserTrainer:
                 requests.append(request)
                 owners.append(index)
             except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
-                outcomes[index] = Outcome.failed(task.key, reason_of(exc))
+                outcomes[index] = Outcome.from_error(task.key, exc)
+                if isinstance(exc, Unavailable):
+                    down = exc
                 self._done()
+        if down is not None:
+            for index in owners:
+                outcomes[index] = Outcome.not_started(tasks[index].key, down)
+                self._done()
+            owners, requests = [], []
 
         def on_result(position: int, result: UserResult) -> None:
             index = owners[position]
@@ -91,7 +104,7 @@ class UserTrainer:
         try:
             return self.publisher.publish(task, result, production, context)
         except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
-            return Outcome.failed(task.key, reason_of(exc))
+            return Outcome.from_error(task.key, exc)
         finally:
             self._done()
 

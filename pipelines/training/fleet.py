@@ -2,7 +2,9 @@
 
 Each actor has at most two chunks queued, so it starts the next chunk the moment one ends. A chunk
 interrupted by a crash is retried by Ray on the restarted actor (`max_task_retries`); an actor
-that dies for good (its restarts spent) fails only the users of its chunks, with the reason.
+that dies for good (its restarts spent) fails only the users of its chunks, with the reason. Once
+a user fails because a server stayed unreachable past the outage deadline, no chunk is started:
+the chunks waiting are reported not started, for a re-run to finish.
 """
 from __future__ import annotations
 
@@ -99,7 +101,13 @@ class Fleet:
         running: dict[ray.ObjectRef, tuple[int, list[UserTask]]] = {}
         queued = [0] * len(self.actors)
         outcomes: list[Outcome] = []
+        down: Outcome | None = None  # the first user failed by a server past the outage deadline
         while waiting or running:
+            if down is not None:
+                why = down.reason.removeprefix("not started: ")
+                outcomes += [Outcome.failed(t.key, f"not started: {why}", unavailable=True)
+                             for chunk in waiting for t in chunk]
+                waiting.clear()
             while waiting and (free := [i for i in self.alive if queued[i] < QUEUED_PER_ACTOR]):
                 index = min(free, key=queued.__getitem__)
                 chunk = waiting.popleft()
@@ -112,7 +120,9 @@ class Fleet:
             for ref in ready:
                 index, chunk = running.pop(ref)
                 queued[index] -= 1
-                outcomes += self._collect(ref, index, chunk)
+                finished = self._collect(ref, index, chunk)
+                outcomes += finished
+                down = down or next((o for o in finished if o.unavailable), None)
             progress(outcomes, self._in_progress({i for i, _ in running.values()}))
         return outcomes
 

@@ -18,7 +18,7 @@ from prefixfleet.pipelines.training.progress import JobProgress
 from prefixfleet.pipelines.training.published import config_params
 from prefixfleet.pipelines.training.retrain import plan_retrain
 from prefixfleet.pipelines.training.tracking import JobRun
-from prefixfleet.registry import Registry
+from prefixfleet.registry import Registry, Unavailable
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger("prefixfleet")
@@ -148,7 +148,10 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
     isolated = request.mode == "isolated"
     pack_size = 1 if isolated else request.pack_size
     planner = plan_retrain if request.kind == "retrain" else plan_train
-    plan = planner(data, registry, request.spec, request.config, fingerprint)
+    try:
+        plan = planner(data, registry, request.spec, request.config, fingerprint)
+    except Unavailable as exc:
+        raise JobError(f"cannot plan the job: {exc}") from exc
     log.info("plan: %d to train, %d skipped, %d failed", len(plan.tasks), len(plan.skipped), len(plan.failed))
     run = JobRun(registry.tracking_uri, home)
     run_id = run.start(request.kind, {
@@ -165,6 +168,10 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
         order = {task.key: i for i, task in enumerate(plan.tasks)}
         outcomes.sort(key=lambda o: order[o.key])
         summary = JobSummary(run_id, request.kind, data, plan, outcomes, time.monotonic() - started)
+        if down := [o for o in outcomes if o.unavailable]:
+            raise JobError(f"stopped: {down[0].reason.removeprefix('not started: ')}. "
+                           f"{summary.count('trained')} users were trained and published before; "
+                           f"run the same command again to finish the other {len(down)}")
         run.finish(summary.metrics(), outcomes, summary.to_json())
     except BaseException as exc:
         run.fail(f"{type(exc).__name__}: {exc}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prefixfleet.registry import UserKey
+from prefixfleet.registry import Unavailable, UserKey
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
 
@@ -22,6 +22,7 @@ class Outcome:
     production_eval_loss: float | None = None
     promoted: bool = False
     reason: str = ""
+    unavailable: bool = False  # failed because a server stayed unreachable: a re-run finishes it
     loss_curve: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -29,8 +30,16 @@ class Outcome:
             raise ValueError(f"unknown outcome status {self.status!r}")
 
     @classmethod
-    def failed(cls, key: UserKey, reason: str) -> Outcome:
-        return cls(key=key, status="failed", reason=reason)
+    def failed(cls, key: UserKey, reason: str, *, unavailable: bool = False) -> Outcome:
+        return cls(key=key, status="failed", reason=reason, unavailable=unavailable)
+
+    @classmethod
+    def from_error(cls, key: UserKey, exc: Exception) -> Outcome:
+        return cls.failed(key, reason_of(exc), unavailable=isinstance(exc, Unavailable))
+
+    @classmethod
+    def not_started(cls, key: UserKey, why: Unavailable) -> Outcome:
+        return cls.failed(key, f"not started: {why}", unavailable=True)
 
     def to_json(self) -> dict[str, Any]:
         out = {"namespace": self.key.namespace, "user_id": self.key.user_id, **asdict(self)}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from prefixfleet.pipelines.training.data import TrainingData, UserData
 from prefixfleet.pipelines.training.published import PublishedLookup
-from prefixfleet.registry import Registry, UserKey, VersionRef
+from prefixfleet.registry import Registry, Unavailable, UserKey, VersionRef
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.registry.refs import PRODUCTION
 from prefixfleet.workers.data import Example
@@ -96,6 +96,8 @@ def build_plan(data: TrainingData, decide: Decide, threads: int = 16) -> Plan:
             return Failure(user.key, f"no training rows ({len(user.eval)} rows, all split 'eval')")
         try:
             return decide(user, user.fingerprint)
+        except Unavailable:
+            raise  # the job cannot be planned; JobError says so
         except RegistryError as exc:
             return Failure(user.key, f"registry: {exc}")
 

@@ -2,6 +2,7 @@
 mean training-loss curve, a per-user metrics table and a loss-curve plot."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from prefixfleet.pipelines.training.outcome import Outcome
 
+log = logging.getLogger("prefixfleet")
 EXPERIMENT = "prefixfleet-jobs"
 PLOTTED_USERS = 20
 
@@ -86,9 +88,14 @@ class JobRun:
         self._terminate(RunStatus.FINISHED)
 
     def fail(self, reason: str) -> None:
-        if self.run_id:
+        """Mark the run failed, if MLflow answers: the job's own error is what the caller reports."""
+        if not self.run_id:
+            return
+        try:
             self.client.set_tag(self.run_id, "prefixfleet.error", reason[:5000])
             self._terminate(RunStatus.FAILED)
+        except Exception as exc:  # noqa: BLE001 - never hide the job's error behind this one
+            log.warning("could not mark job run %s failed: %s", self.run_id, exc)
 
     def _terminate(self, status: int) -> None:
         with redirect_stdout(sys.stderr):  # an mlflow server's run link is a log line, not the result

@@ -15,12 +15,13 @@ from prefixfleet.registry.catalog.base import (
     is_write_race,
     mlflow_error,
 )
-from prefixfleet.registry.catalog.retry import RetryingCatalog, RetryPolicy
+from prefixfleet.registry.catalog.retry import RetryingCatalog
 from prefixfleet.registry.errors import RegistryError
+from prefixfleet.registry.retry import RetryPolicy
 
 __all__ = [
     "PAGE_MAX_MODELS", "AlreadyExists", "Catalog", "Missing", "ModelRecord", "Transient", "VersionRecord",
-    "RetryPolicy", "RetryingCatalog", "is_write_race", "mlflow_error", "open_catalog",
+    "RetryingCatalog", "is_write_race", "mlflow_error", "open_catalog",
 ]
 
 

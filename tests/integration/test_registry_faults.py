@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from prefixfleet.registry import Registry, RegistryError, UserKey, fsck
+from prefixfleet.registry import Registry, Unavailable, UserKey, fsck
 from tests.fixtures.artifacts import make_artifact
 from tests.fixtures.faults import FaultProxy
 from tests.fixtures.servers import make_server_registry
@@ -83,11 +83,21 @@ def test_forget_finishes_when_the_answers_to_its_deletes_are_lost(faulty) -> Non
     assert list(direct.store.list(key.object_dir)) == [] and direct.catalog.get_model(key.model_name(reg.prefix)) is None
 
 
-def test_an_outage_past_the_deadline_is_a_clear_error_and_writes_nothing(faulty, monkeypatch) -> None:
+def test_an_mlflow_outage_past_the_deadline_is_a_clear_error_and_writes_nothing(faulty, monkeypatch) -> None:
     monkeypatch.setenv("PREFIXFLEET_RETRY_DEADLINE_S", "1")
     reg, direct, mlflow, s3 = faulty()
     key = UserKey("default", "outage")
-    with mlflow.outage(), pytest.raises(RegistryError, match=r"gave up after \d+ attempts"):
+    with mlflow.outage(), pytest.raises(Unavailable, match=r"MLflow unreachable: create_model failed \d+ times in 1\.\d s"):
         reg.publish(key, make_artifact("default", "outage"))
     assert mlflow.counts["outage"] >= 3 and s3.counts == {}
     assert direct.catalog.get_model(key.model_name(reg.prefix)) is None
+
+
+def test_an_s3_outage_past_the_deadline_names_s3_and_leaves_no_version(faulty, monkeypatch) -> None:
+    monkeypatch.setenv("PREFIXFLEET_RETRY_DEADLINE_S", "1")
+    reg, direct, _, s3 = faulty()
+    key = UserKey("default", "s3-outage")
+    with s3.outage(), pytest.raises(Unavailable, match=r"S3 unreachable: put failed \d+ times"):
+        reg.publish(key, make_artifact("default", "s3-outage"))
+    assert s3.counts["outage"] >= 2
+    assert [r.version for r in direct.history(key)] == []  # the model may exist; no version points at nothing

@@ -62,3 +62,9 @@ def test_demo_own_prefix_is_lowest(local_env: dict[str, str], local_ray: None) -
     assert report["own_lowest"] and report["job"]["users"]["trained"] == 3
     for row in report["users"]:
         assert row["loss_own_prefix"] < row["loss_other_prefix"] and row["loss_own_prefix"] < row["loss_no_prefix"]
+
+
+def test_outage_deadline_must_be_positive(local_env: dict[str, str], tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic(1))
+    result = cli("train", str(data), "--backbone", "unused", "--outage-deadline", "0")
+    assert result.exit_code == 2 and "--outage-deadline must be a positive number of seconds" in result.stderr
