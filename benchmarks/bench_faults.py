@@ -115,7 +115,7 @@ def ours_run(reg: Registry, direct: Registry, users: list[str]) -> Tally:
     return tally
 
 
-def job_run(name: str, mlflow_url: str, s3_url: str, bucket: str, backbone: str, data: Path, work: Path, *,
+def job_run(name: str, mlflow_url: str, s3_url: str, bucket: str, backbone: str, data: Path, users: int, work: Path, *,
             rate: float = 0.0, deadline: float = 30.0, outage_s: float = 0.0) -> None:
     """One training job through fresh proxies; prints its row."""
     from prefixfleet.pipelines.training.job import JobRequest, run_job
@@ -123,7 +123,6 @@ def job_run(name: str, mlflow_url: str, s3_url: str, bucket: str, backbone: str,
 
     os.environ[DEADLINE_VAR] = str(deadline)  # the driver's registry, and forwarded to the actors
     prefix = f"j{uuid.uuid4().hex[:6]}"
-    users = sum(1 for _ in data.open())
     with FaultProxy(mlflow_url, rate=rate, seed=5) as mp, FaultProxy(s3_url, rate=rate, seed=6) as sp, \
             Registry(mp.url, f"s3://{bucket}/{prefix}", s3_endpoint_url=sp.url, model_prefix=prefix) as reg, \
             Registry(mlflow_url, f"s3://{bucket}/{prefix}", s3_endpoint_url=s3_url,
@@ -179,10 +178,10 @@ def job_phase(mlflow_url: str, s3_url: str, bucket: str, users: int, root: Path)
     print(f"\ntraining job, {users} users, 2 trainer actors, packs of 2, 12 steps")
     print(f"{'job':<34} {'published':>10} {'duplicates':>10} {'fsck':>6} {'no prod':>10} {'seconds':>8}  "
           "faults hit (MLflow / S3)")
-    job_run("no faults", mlflow_url, s3_url, bucket, backbone, data, root)
-    job_run("10% faults, retries off", mlflow_url, s3_url, bucket, backbone, data, root, rate=0.1, deadline=0.001)
-    job_run("10% faults, ours", mlflow_url, s3_url, bucket, backbone, data, root, rate=0.1)
-    job_run("5 s MLflow outage mid-job, ours", mlflow_url, s3_url, bucket, backbone, data, root, outage_s=5)
+    job_run("no faults", mlflow_url, s3_url, bucket, backbone, data, users, root)
+    job_run("10% faults, retries off", mlflow_url, s3_url, bucket, backbone, data, users, root, rate=0.1, deadline=0.001)
+    job_run("10% faults, ours", mlflow_url, s3_url, bucket, backbone, data, users, root, rate=0.1)
+    job_run("5 s MLflow outage mid-job, ours", mlflow_url, s3_url, bucket, backbone, data, users, root, outage_s=5)
 
 
 def main() -> None:
