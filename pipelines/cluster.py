@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import ModuleType
 
 from prefixfleet.registry.retry import DEADLINE_VAR
 
@@ -20,17 +21,18 @@ SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 def connect_ray(address: str | None = None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start Ray on this machine.
 
-    Returns True when Ray runs locally. An already initialized Ray (a test session, a driver
-    started by `ray job submit`) is used as it is.
+    Returns True when every node of the cluster is this machine (Ray started here, or a cluster
+    of this machine alone). An already initialized Ray (a test session, a driver started by
+    `ray job submit`) is used as it is.
     """
     import ray  # here, not at the top: commands that never touch Ray start without it
 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return not address
+        return _only_this_machine(ray)
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-        return False
+        return _only_this_machine(ray)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              logging_level=logging.WARNING)
     return True
@@ -40,3 +42,8 @@ def actor_env(local: bool) -> dict[str, str]:
     """Environment variables to hand to trainer actors (set before they import anything)."""
     names = ENDPOINT_VARS + (SECRET_VARS if local else ())
     return {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **{n: os.environ[n] for n in names if os.environ.get(n)}}
+
+
+def _only_this_machine(ray: ModuleType) -> bool:
+    here = {ray.util.get_node_ip_address(), "127.0.0.1"}
+    return all(node["NodeManagerAddress"] in here for node in ray.nodes() if node["Alive"])
