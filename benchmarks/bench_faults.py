@@ -109,7 +109,7 @@ def ours_run(reg: Registry, direct: Registry, users: list[str]) -> Tally:
         history = direct.history(UserKey(NAMESPACE, user))
         tally.duplicates += len(history) > 1
         tally.no_production += not any("production" in r.aliases for r in history)
-    report = fsck(direct)
+    report = fsck(direct, grace_s=0)
     if report.faults:
         tally.first_error = tally.first_error or f"fsck: {report.faults[0]}"
     return tally
@@ -145,7 +145,7 @@ def job_run(name: str, mlflow_url: str, s3_url: str, bucket: str, backbone: str,
         published = sum(len(h) >= 1 for h in histories)
         duplicates = sum(len(h) > 1 for h in histories)
         out_of_production = sum(not any("production" in r.aliases for r in h) for h in histories)
-        faults = len(fsck(direct).faults)
+        faults = len(fsck(direct, grace_s=0).faults)
         summary = result["summary"]
         note = summary if isinstance(summary, str) else f"trained {summary.users['trained']}, failed {summary.users['failed']}"
         print(f"{name:<34} {published:>5}/{users:<4} {duplicates:>10} {faults:>6} {out_of_production:>10} {seconds:8.1f}  "

@@ -1,12 +1,14 @@
 """fsck (consistency of MLflow records and stored artifacts) and gc (version retention).
 
-Run `fsck(repair=True)` while no publish is in flight: an artifact written by a publish that has
-not yet created its version looks like an orphan.
+A publish writes its artifact before it creates its version, so an artifact no version refers to
+is an orphan only once it is older than any publish in flight can be: fsck leaves artifacts
+younger than `grace_s` alone (and lists them), so `fsck --repair` is safe beside live publishes.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from prefixfleet.registry.keys import SHA256_DIGEST, UserKey, unescape
 from prefixfleet.registry.refs import VersionRef
 from prefixfleet.registry.registry import Registry
 
+GRACE_S = 3600.0  # far beyond a publish that waits out an outage (train's --outage-deadline: 180 s)
 _OBJECT_KEY = re.compile(r"(?P<ns>[^/]+)/(?P<shard>[0-9a-f]{2})/(?P<user>[^/]+)/(?P<sha>[0-9a-f]{64})\.safetensors")
 
 
@@ -42,6 +45,7 @@ class FsckReport:
     objects: int = 0
     repair: bool = False
     faults: list[Fault] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)  # unreferenced artifacts younger than the grace period
 
     @property
     def clean(self) -> bool:
@@ -91,10 +95,13 @@ def _delete_version(reg: Registry, name: str, version: int) -> None:
         pass
 
 
-def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
+def fsck(reg: Registry, *, repair: bool = False, grace_s: float = GRACE_S) -> FsckReport:
     """Artifacts without versions, versions without (or with wrong) artifacts, duplicate versions
     of one training result, aliases to missing versions. With `repair`: orphans and duplicates are
-    deleted, broken versions are deleted with their bad objects, dangling aliases are removed."""
+    deleted, broken versions are deleted with their bad objects, dangling aliases are removed.
+    Unreferenced artifacts younger than `grace_s` are listed in `in_flight` and left alone."""
+    if grace_s < 0:
+        raise ValueError(f"grace_s must be >= 0, got {grace_s}")
     report = FsckReport(repair=repair)
     sizes = dict(reg.store.list())
     report.objects = len(sizes)
@@ -145,6 +152,12 @@ def fsck(reg: Registry, *, repair: bool = False) -> FsckReport:
                                        "not in the registry's key layout"))
             continue
         key, _ = owner
+        written = reg.store.modified(object_key)
+        if written is None:  # deleted since the listing
+            continue
+        if time.time() - written < grace_s:
+            report.in_flight.append(reg.store.uri_for(object_key))
+            continue
         if repair:
             reg.store.delete(object_key)
         report.faults.append(Fault("orphan_artifact", reg.store.uri_for(object_key), "no version refers to it",

@@ -127,7 +127,7 @@ class Registry:
                 self.store.delete(object_key)
             return self._exact_ref(key, name, kept.version)
         if aliased and alias == refs.PRODUCTION:
-            self._record_production(name, kept.version)
+            self._record_production(name)
         return VersionRef.from_record(key, kept, aliases=[alias] if aliased and alias else [])
 
     def find(self, key: UserKey, *, data_fingerprint: str, spec: str, backbone_fingerprint: str,
@@ -342,7 +342,7 @@ class Registry:
         try:
             self.catalog.set_alias(name, alias, version)
             if alias == refs.PRODUCTION:
-                self._record_production(name, version)
+                self._record_production(name)
         finally:
             self._resolutions.invalidate(name)
         return VersionRef.from_record(key, rec, alias=alias, aliases=[*rec.aliases, alias])
@@ -372,12 +372,17 @@ class Registry:
             self._resolutions.invalidate(name)
         return self.resolve(key, refs.PRODUCTION)
 
-    def _record_production(self, name: str, version: int) -> None:
-        model = self.catalog.get_model(name)
-        history = refs.version_list(model.tags if model else {})
-        if not history or history[-1] != version:
-            history = (history + [version])[-100:]
-            self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history))
+    def _record_production(self, name: str) -> None:
+        """End the production history with the version production names now. Written from a read
+        and read again until a read agrees, so concurrent promotes leave the history ending where
+        production is: the last writer reads its own write."""
+        for _ in range(_SETTLE_ROUNDS):
+            model = self.catalog.get_model(name)
+            current = model.aliases.get(refs.PRODUCTION) if model else None
+            history = refs.version_list(model.tags) if model else []
+            if current is None or history[-1:] == [current]:
+                return
+            self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr((history + [current])[-100:]))
 
     def forget(self, key: UserKey) -> ForgetReceipt:
         """Erase every version, alias, tag and artifact of the user (idempotent)."""

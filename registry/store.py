@@ -60,6 +60,10 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """(key, size) of every object in folder ``prefix`` (the whole store when empty), streamed."""
 
+    @abstractmethod
+    def modified(self, key: str) -> float | None:
+        """When the object was written (seconds since the epoch), or None when it does not exist."""
+
 
 class FileStore(ObjectStore):
     """Objects as files under a root folder; create-once through a hard link (atomic, no overwrite)."""
@@ -106,6 +110,12 @@ class FileStore(ObjectStore):
         except OSError:
             pass
         return keys
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         base = self._path(prefix) if prefix else self.root
@@ -182,6 +192,17 @@ class S3Store(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._retried("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def modified(self, key: str) -> float | None:
+        return self._retried("head", lambda: self._modified(key))
+
+    def _modified(self, key: str) -> float | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["LastModified"].timestamp()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
 
     def delete_prefix(self, prefix: str) -> list[str]:
         keys = self._retried("list", lambda: [key for key, _ in self.list(prefix)])

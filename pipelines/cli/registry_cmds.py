@@ -85,19 +85,26 @@ def forget(user: UserArgument, namespace: NamespaceOption = "default", home: Hom
     emit(receipt.to_json(), as_json, text)
 
 
+GraceOpt = Annotated[float, typer.Option(
+    "--grace", help="Seconds an unreferenced artifact is left alone: a publish may still be creating its version.")]
+
+
 @app.command()
 def fsck(
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed.")] = False,
+    grace: GraceOpt = maintenance.GRACE_S,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Find (and with --repair fix) orphans, missing artifacts, hash mismatches and dangling aliases.
     Exits 1 while faults remain."""
+    if grace < 0:
+        fail(f"--grace must be >= 0 seconds, got {grace}", code=2)
     with registry_session(home) as registry:
-        report = maintenance.fsck(registry, repair=repair)
+        report = maintenance.fsck(registry, repair=repair, grace_s=grace)
     lines = [f"{f.kind}\t{f.location}\t{f.detail}" + ("\t(repaired)" if f.repaired else "") for f in report.faults]
     summary = (f"{report.users} users, {report.versions} versions, {report.objects} artifacts, "
-               f"{len(report.faults)} faults")
+               f"{len(report.faults)} faults, {len(report.in_flight)} left alone as publishes in flight")
     emit(report.to_json(), as_json, "\n".join([*lines, summary]))
     if not report.clean:
         fail(f"{sum(not f.repaired for f in report.faults)} faults remain; run with --repair to fix them")

@@ -45,7 +45,7 @@ def test_a_job_through_faulty_servers_publishes_every_user_exactly_once(
             history = direct.history(outcome.key)
             assert [(r.version, r.run_id) for r in history] == [(1, summary.job_id)], outcome.key
             assert "production" in history[0].aliases
-        assert fsck(direct).faults == []
+        assert fsck(direct, grace_s=0).faults == []
         assert mlflow.faulted >= 10 and s3.faulted >= 1, (mlflow.counts, s3.counts)
         print(f"faults: MLflow {dict(mlflow.counts)}, S3 {dict(s3.counts)}")
 

@@ -48,7 +48,7 @@ def test_every_user_is_published_and_promoted_exactly_once_under_20_percent_faul
         history = direct.history(key)
         assert [(r.version, r.aliases) for r in history] == [(1, ["candidate", "production"])], key
         assert direct.fetch(key, "production") == data
-    assert fsck(direct).faults == []
+    assert fsck(direct, grace_s=0).faults == []
     # the faults really happened, of every kind, and were retried
     assert {"503", "reset", "lost"} <= set(mlflow.counts) and mlflow.faulted >= 50 and s3.faulted >= 3
     assert sum(reg.catalog.retries.values()) >= mlflow.faulted - 5

@@ -73,13 +73,17 @@ def test_fsck_reports_then_repairs(home):
     with Registry.from_env() as reg:
         orphan = make_artifact("default", "ghost")
         reg.store.put(UserKey("default", "ghost").object_key(hashlib.sha256(orphan).hexdigest()), orphan)
-    found = run("fsck", "--json")
+    young = run("fsck", "--repair", "--json")  # just written: a publish may be creating its version
+    assert young.exit_code == 0 and json.loads(young.stdout)["faults"] == []
+    assert len(json.loads(young.stdout)["in_flight"]) == 1
+    found = run("fsck", "--grace", "0", "--json")
     assert found.exit_code == 1 and "run with --repair" in found.stderr
     assert [f["kind"] for f in json.loads(found.stdout)["faults"]] == ["orphan_artifact"]
-    repaired = run("fsck", "--repair", "--json")
+    repaired = run("fsck", "--repair", "--grace", "0", "--json")
     assert repaired.exit_code == 0 and json.loads(repaired.stdout)["faults"][0]["repaired"] is True
-    clean = run("fsck")
-    assert clean.exit_code == 0 and "0 faults" in clean.stdout
+    clean = run("fsck", "--grace", "0")
+    assert clean.exit_code == 0 and "0 faults, 0 left alone" in clean.stdout
+    assert run("fsck", "--grace", "-1").exit_code == 2
 
 
 def test_home_option_selects_another_home(home, tmp_path, mlflow_db_template):

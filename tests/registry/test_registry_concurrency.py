@@ -6,7 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from prefixfleet.registry import UserKey, VersionRef
-from prefixfleet.registry.refs import IDENTITY
+from prefixfleet.registry.refs import IDENTITY, version_list
 from tests.fixtures.artifacts import make_artifact
 
 CAROL = UserKey("default", "carol")
@@ -58,3 +58,22 @@ def test_a_retry_racing_new_results_keeps_every_result_once(registry):
                 for r in history}) == 4
     registry.invalidate(CAROL)
     assert registry.resolve(CAROL, "candidate").version == max(r.version for r in history)
+
+
+def test_concurrent_promotes_leave_the_production_history_ending_at_production(registry):
+    published = [registry.publish(CAROL, make_artifact("default", "carol", data_fingerprint=f"p{i}", seed=i))
+                 for i in range(WRITERS)]
+    name = CAROL.model_name(registry.prefix)
+    for _ in range(3):  # three races: a lost update shows in at least one
+        start = threading.Barrier(WRITERS)
+
+        def promote(ref: VersionRef, start: threading.Barrier = start) -> None:
+            start.wait()
+            registry.promote(CAROL, ref.version)
+
+        with ThreadPoolExecutor(WRITERS) as pool:
+            list(pool.map(promote, published))
+        model = registry.catalog.get_model(name)
+        assert version_list(model.tags)[-1] == model.aliases["production"]
+    current = model.aliases["production"]
+    assert registry.rollback(CAROL).version not in (current, None)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from prefixfleet.registry import UserKey, fsck
 from prefixfleet.registry.refs import model_tags
 from tests.fixtures.artifacts import make_artifact
@@ -34,7 +36,7 @@ def test_fsck_finds_and_repairs_planted_faults(registry, request):
     add_dangling_alias(database_of(registry, request), USERS["dangling"].model_name(registry.prefix), "production", 7)
     registry.store.put("notes/readme.txt", b"not a registry object")
 
-    report = fsck(registry)
+    report = fsck(registry, grace_s=0)
     found = sorted((f.kind, f.user_id, f.version) for f in report.faults)
     assert found == [
         ("dangling_alias", "dangling", 7), ("duplicate_version", "twin", 2), ("hash_mismatch", "corrupt", 1),
@@ -43,9 +45,9 @@ def test_fsck_finds_and_repairs_planted_faults(registry, request):
     assert (report.users, report.versions, report.objects) == (5, 6, 6) and not report.clean
     assert not any(f.repaired for f in report.faults)
 
-    repaired = fsck(registry, repair=True)
+    repaired = fsck(registry, repair=True, grace_s=0)
     assert all(f.repaired for f in repaired.faults if f.kind != "stray_object")
-    after = fsck(registry)
+    after = fsck(registry, grace_s=0)
     assert [f.kind for f in after.faults] == ["stray_object"]
     assert registry.store.get(orphan_key) is None
     assert [r.version for r in registry.history(USERS["twin"])] == [1]
@@ -61,3 +63,18 @@ def test_fsck_of_a_healthy_registry_is_clean(registry):
     report = fsck(registry)
     assert report.clean and report.faults == [] and (report.users, report.versions, report.objects) == (3, 2, 2)
     assert report.to_json()["clean"] is True
+
+
+def test_repair_leaves_an_artifact_whose_publish_may_be_in_flight_alone(registry):
+    """A publish writes its artifact, then creates its version: until the grace period has passed
+    an unreferenced artifact is a publish in flight, not an orphan."""
+    data = make_artifact("default", "orphan")
+    object_key = USERS["orphan"].object_key(hashlib.sha256(data).hexdigest())
+    registry.store.put(object_key, data)
+    report = fsck(registry, repair=True)
+    assert report.faults == [] and report.in_flight == [registry.store.uri_for(object_key)] and report.clean
+    assert registry.store.get(object_key) == data
+    ref = registry.publish(USERS["orphan"], data)  # the publish completes: nothing was lost
+    assert registry.fetch_ref(ref) == data and fsck(registry, grace_s=0).faults == []
+    with pytest.raises(ValueError, match="grace_s"):
+        fsck(registry, grace_s=-1)
