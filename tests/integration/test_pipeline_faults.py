@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,103 +30,99 @@ USERS = 8
 FAULT_RATE = 0.15
 
 
-def test_a_job_through_faulty_servers_publishes_every_user_exactly_once(
-        tiny_backbones: TinyBackbones, local_ray: None, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str,
-        tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "data.jsonl", synthetic(USERS))
-    with FaultProxy(mlflow_server_uri, rate=FAULT_RATE, seed=21) as mlflow, \
-            FaultProxy(s3_endpoint, rate=FAULT_RATE, seed=22) as s3, \
-            make_server_registry(mlflow.url, s3.url, s3_bucket) as registry, \
-            Registry(mlflow_server_uri, registry.store_uri, s3_endpoint_url=s3_endpoint,
-                     model_prefix=registry.prefix) as direct:
-        request = JobRequest(str(data), tiny_backbones.path(**BACKBONE), config=TrainConfig(steps=STEPS), actors=2,
-                             actor_cpus=0.5, progress=False)
-        summary = run_job(request, registry, tmp_path)
-        assert summary.users == {"read": USERS, "trained": USERS, "skipped": 0, "failed": 0, "promoted": USERS}, \
-            [o.reason for o in summary.per_user if o.status == "failed"]
-        for outcome in summary.outcomes:
-            history = direct.history(outcome.key)
-            assert [(r.version, r.run_id) for r in history] == [(1, summary.job_id)], outcome.key
-            assert "production" in history[0].aliases
-        assert fsck(direct, grace_s=0).faults == []
-        assert mlflow.faulted >= 10 and s3.faulted >= 1, (mlflow.counts, s3.counts)
-        print(f"faults: MLflow {dict(mlflow.counts)}, S3 {dict(s3.counts)}")
+@dataclass
+class Rig:
+    """A job's request, the registry it publishes to through the proxies, and the same registry
+    read directly (past the proxies) to check what was written."""
+
+    mlflow: FaultProxy
+    s3: FaultProxy
+    registry: Registry
+    direct: Registry
+    request: JobRequest
 
 
-def _published_any(direct: Registry) -> bool:
-    return next(direct.list_users("default"), None) is not None
+@pytest.fixture
+def rig(tiny_backbones: TinyBackbones, local_ray: None, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str,
+        tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    """`rig(rate=…, actors=…, pack_size=…)`; call it after setting the environment the registry reads."""
+    with ExitStack() as stack:
+        def make(*, rate: float = 0.0, actors: int = 1, pack_size: int = 2) -> Rig:
+            mlflow = stack.enter_context(FaultProxy(mlflow_server_uri, rate=rate, seed=21))
+            s3 = stack.enter_context(FaultProxy(s3_endpoint, rate=rate, seed=22))
+            registry = stack.enter_context(make_server_registry(mlflow.url, s3.url, s3_bucket))
+            direct = stack.enter_context(Registry(mlflow_server_uri, registry.store_uri, s3_endpoint_url=s3_endpoint,
+                                                  model_prefix=registry.prefix))
+            data = write_jsonl(tmp_path / "data.jsonl", synthetic(USERS))
+            request = JobRequest(str(data), tiny_backbones.path(**BACKBONE), config=TrainConfig(steps=STEPS),
+                                 actors=actors, pack_size=pack_size, actor_cpus=0.5, progress=False)
+            return Rig(mlflow, s3, registry, direct, request)
+
+        yield make
 
 
-def _run_in_thread(request: JobRequest, registry: Registry, home: Path) -> tuple[threading.Thread, dict]:
+def _run_in_thread(rig: Rig, home: Path) -> tuple[threading.Thread, dict]:
     result: dict = {}
 
     def run() -> None:
         try:
-            result["summary"] = run_job(request, registry, home)
+            result["summary"] = run_job(rig.request, rig.registry, home)
         except Exception as exc:  # noqa: BLE001 - handed to the test
             result["error"] = exc
 
     thread = threading.Thread(target=run)
     thread.start()
+    deadline = time.monotonic() + 180
+    while next(rig.direct.list_users("default"), None) is None:  # until the first user is published
+        assert time.monotonic() < deadline and thread.is_alive(), "no user was published"
+        time.sleep(0.1)
     return thread, result
 
 
-def _wait_for(condition, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
-def _one_version_each_in_production(direct: Registry, users: int) -> None:
-    for i in range(users):
+def _one_version_each_in_production(direct: Registry) -> None:
+    for i in range(USERS):
         history = direct.history(UserKey("default", f"user-{i:05d}"))
         assert [r.version for r in history] == [1] and "production" in history[0].aliases
 
 
-def test_a_five_second_mlflow_outage_mid_job_is_waited_out(
-        tiny_backbones: TinyBackbones, local_ray: None, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str,
-        tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "data.jsonl", synthetic(USERS))
-    with FaultProxy(mlflow_server_uri) as mlflow, FaultProxy(s3_endpoint) as s3, \
-            make_server_registry(mlflow.url, s3.url, s3_bucket) as registry, \
-            Registry(mlflow_server_uri, registry.store_uri, s3_endpoint_url=s3_endpoint,
-                     model_prefix=registry.prefix) as direct:
-        request = JobRequest(str(data), tiny_backbones.path(**BACKBONE), config=TrainConfig(steps=STEPS), actors=1,
-                             pack_size=2, actor_cpus=0.5, progress=False)
-        thread, result = _run_in_thread(request, registry, tmp_path)
-        _wait_for(lambda: _published_any(direct))
-        with mlflow.outage():
-            time.sleep(5)
-        thread.join(timeout=300)
-        summary = result["summary"]
-        assert summary.users == {"read": USERS, "trained": USERS, "skipped": 0, "failed": 0, "promoted": USERS}
-        assert mlflow.counts["outage"] > 0  # the job really met the outage
-        _one_version_each_in_production(direct, USERS)
+def test_a_job_through_faulty_servers_publishes_every_user_exactly_once(rig, tmp_path: Path) -> None:
+    job = rig(rate=FAULT_RATE, actors=2, pack_size=8)
+    summary = run_job(job.request, job.registry, tmp_path)
+    assert summary.users == {"read": USERS, "trained": USERS, "skipped": 0, "failed": 0, "promoted": USERS}, \
+        [o.reason for o in summary.per_user if o.status == "failed"]
+    for outcome in summary.outcomes:
+        history = job.direct.history(outcome.key)
+        assert [(r.version, r.run_id) for r in history] == [(1, summary.job_id)], outcome.key
+        assert "production" in history[0].aliases
+    assert fsck(job.direct, grace_s=0).faults == []
+    assert job.mlflow.faulted >= 10 and job.s3.faulted >= 1, (job.mlflow.counts, job.s3.counts)
+
+
+def test_a_five_second_mlflow_outage_mid_job_is_waited_out(rig, tmp_path: Path) -> None:
+    job = rig()
+    thread, result = _run_in_thread(job, tmp_path)
+    with job.mlflow.outage():
+        time.sleep(5)
+    thread.join(timeout=300)
+    summary = result["summary"]
+    assert summary.users == {"read": USERS, "trained": USERS, "skipped": 0, "failed": 0, "promoted": USERS}
+    assert job.mlflow.counts["outage"] > 0  # the job really met the outage
+    _one_version_each_in_production(job.direct)
 
 
 def test_an_outage_past_the_deadline_stops_the_job_and_the_rerun_finishes_it(
-        tiny_backbones: TinyBackbones, local_ray: None, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DEADLINE_VAR, "3")  # this process's registry, and forwarded to the trainer actors
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the job run's own MlflowClient
-    data = write_jsonl(tmp_path / "data.jsonl", synthetic(USERS))
-    with FaultProxy(mlflow_server_uri) as mlflow, FaultProxy(s3_endpoint) as s3, \
-            make_server_registry(mlflow.url, s3.url, s3_bucket) as registry, \
-            Registry(mlflow_server_uri, registry.store_uri, s3_endpoint_url=s3_endpoint,
-                     model_prefix=registry.prefix) as direct:
-        request = JobRequest(str(data), tiny_backbones.path(**BACKBONE), config=TrainConfig(steps=STEPS), actors=1,
-                             pack_size=2, actor_cpus=0.5, progress=False)
-        thread, result = _run_in_thread(request, registry, tmp_path)
-        _wait_for(lambda: _published_any(direct))
-        with mlflow.outage():
-            thread.join(timeout=300)
-        error = result["error"]
-        assert isinstance(error, JobError), error
-        assert "MLflow unreachable" in str(error) and "run the same command again to finish" in str(error)
-        published = sum(1 for _ in direct.list_users("default"))
-        assert 0 < published < USERS
+    job = rig()
+    thread, result = _run_in_thread(job, tmp_path)
+    with job.mlflow.outage():
+        thread.join(timeout=300)
+    error = result["error"]
+    assert isinstance(error, JobError), error
+    assert "MLflow unreachable" in str(error) and "run the same command again to finish" in str(error)
+    assert 0 < sum(1 for _ in job.direct.list_users("default")) < USERS
 
-        rerun = run_job(request, registry, tmp_path)
-        assert rerun.users["failed"] == 0 and rerun.users["trained"] + rerun.users["skipped"] == USERS
-        _one_version_each_in_production(direct, USERS)
+    rerun = run_job(job.request, job.registry, tmp_path)
+    assert rerun.users["failed"] == 0 and rerun.users["trained"] + rerun.users["skipped"] == USERS
+    _one_version_each_in_production(job.direct)
