@@ -1,33 +1,57 @@
-"""Two training jobs on the same data at once, against the real servers: both plan before either
-publishes, so both train every user; the registry keeps one version per user, in production."""
+"""Two training jobs on the same data at once, against the real servers. S3 is held down (behind
+the fault proxy) until both jobs have planned, so both train every user and publish together;
+the registry keeps one version per user, in production."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from prefixfleet.pipelines.training.job import JobRequest, run_job
-from prefixfleet.registry import Registry, UserKey, fsck
+from prefixfleet.pipelines.training.tracking import EXPERIMENT
+from prefixfleet.registry import UserKey, fsck
+from prefixfleet.registry.retry import DEADLINE_VAR
 from prefixfleet.workers.spec import TrainConfig
 from tests.fixtures.backbones import TinyBackbones
+from tests.fixtures.faults import FaultProxy
+from tests.fixtures.servers import make_server_registry
 from tests.pipelines.pipeline_support import BACKBONE, STEPS, synthetic, write_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.servers]
 USERS = 6
 
 
+def _planned_jobs(mlflow_uri: str, data: Path) -> int:
+    """Job runs started on `data` (a job starts its run once its plan is made)."""
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return 0
+    return len(client.search_runs([experiment.experiment_id], filter_string=f"params.data = '{data}'"))
+
+
 def test_two_jobs_on_the_same_data_at_once_leave_one_version_per_user(
-        tiny_backbones: TinyBackbones, local_ray: None, server_env: dict[str, str], tmp_path: Path) -> None:
+        tiny_backbones: TinyBackbones, local_ray: None, mlflow_server_uri: str, s3_endpoint: str, s3_bucket: str,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DEADLINE_VAR, "300")  # the publishes wait out the held S3, however long planning takes
     data = write_jsonl(tmp_path / "data.jsonl", synthetic(USERS))
     request = JobRequest(str(data), tiny_backbones.path(**BACKBONE), config=TrainConfig(steps=STEPS), actors=1,
                          actor_cpus=0.5, pack_size=2, progress=False)
-    with Registry.from_env() as registry, ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(run_job, request, registry, tmp_path / f"job{i}") for i in range(2)]
+    with FaultProxy(s3_endpoint) as s3, make_server_registry(mlflow_server_uri, s3.url, s3_bucket) as registry, \
+            ThreadPoolExecutor(2) as pool:
+        with s3.outage():
+            jobs = [pool.submit(run_job, request, registry, tmp_path / f"job{i}") for i in range(2)]
+            deadline = time.monotonic() + 240
+            while _planned_jobs(mlflow_server_uri, data) < 2:
+                assert time.monotonic() < deadline and not any(j.done() for j in jobs), "the jobs did not both plan"
+                time.sleep(0.2)
         summaries = [job.result(timeout=600) for job in jobs]
         for summary in summaries:
+            assert summary.plan.tasks and len(summary.plan.tasks) == USERS  # both planned to train everyone
             assert summary.users["failed"] == 0 and summary.users["trained"] + summary.users["skipped"] == USERS
-        assert sum(s.users["trained"] for s in summaries) > USERS  # they really raced: some users twice
         for i in range(USERS):
             history = registry.history(UserKey("default", f"user-{i:05d}"))
             assert [r.version for r in history] == [1] and "production" in history[0].aliases
