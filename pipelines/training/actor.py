@@ -68,7 +68,7 @@ class UserTrainer:
         down: Unavailable | None = None
         for index, task in enumerate(tasks):
             if down is not None:
-                outcomes[index] = Outcome.not_started(task.key, down)
+                outcomes[index] = Outcome.not_started(task.key, str(down))
                 self._done()
                 continue
             try:
@@ -89,7 +89,7 @@ class UserTrainer:
                 self._done()
         if down is not None:
             for index in owners:
-                outcomes[index] = Outcome.not_started(tasks[index].key, down)
+                outcomes[index] = Outcome.not_started(tasks[index].key, str(down))
                 self._done()
             owners, requests = [], []
 

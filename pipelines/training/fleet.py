@@ -104,9 +104,7 @@ class Fleet:
         down: Outcome | None = None  # the first user failed by a server past the outage deadline
         while waiting or running:
             if down is not None:
-                why = down.reason.removeprefix("not started: ")
-                outcomes += [Outcome.failed(t.key, f"not started: {why}", unavailable=True)
-                             for chunk in waiting for t in chunk]
+                outcomes += [Outcome.not_started(t.key, down.unavailable_reason) for chunk in waiting for t in chunk]
                 waiting.clear()
             while waiting and (free := [i for i in self.alive if queued[i] < QUEUED_PER_ACTOR]):
                 index = min(free, key=queued.__getitem__)

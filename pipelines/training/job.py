@@ -169,7 +169,7 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
         outcomes.sort(key=lambda o: order[o.key])
         summary = JobSummary(run_id, request.kind, data, plan, outcomes, time.monotonic() - started)
         if down := [o for o in outcomes if o.unavailable]:
-            raise JobError(f"stopped: {down[0].reason.removeprefix('not started: ')}. "
+            raise JobError(f"stopped: {down[0].unavailable_reason}. "
                            f"{summary.count('trained')} users were trained and published before; "
                            f"run the same command again to finish the other {len(down)}")
         run.finish(summary.metrics(), outcomes, summary.to_json())

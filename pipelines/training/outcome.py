@@ -9,6 +9,7 @@ from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
 
 STATUSES = ("trained", "skipped", "failed")
+NOT_STARTED = "not started: "
 
 
 @dataclass(kw_only=True)
@@ -38,8 +39,14 @@ class Outcome:
         return cls.failed(key, reason_of(exc), unavailable=isinstance(exc, Unavailable))
 
     @classmethod
-    def not_started(cls, key: UserKey, why: Unavailable) -> Outcome:
-        return cls.failed(key, f"not started: {why}", unavailable=True)
+    def not_started(cls, key: UserKey, why: str) -> Outcome:
+        """Not tried: `why`, a server unreachable past the outage deadline, stopped the job first."""
+        return cls.failed(key, f"{NOT_STARTED}{why}", unavailable=True)
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why a server-stopped user failed, without the "not started: " of those never tried."""
+        return self.reason.removeprefix(NOT_STARTED)
 
     def to_json(self) -> dict[str, Any]:
         out = {"namespace": self.key.namespace, "user_id": self.key.user_id, **asdict(self)}
