@@ -14,6 +14,7 @@ from typing import Any
 
 from prefixfleet.registry import refs
 from prefixfleet.registry.catalog import Missing, VersionRecord
+from prefixfleet.registry.erasure import ERASURE_KEY
 from prefixfleet.registry.errors import IntegrityError
 from prefixfleet.registry.header import read_header
 from prefixfleet.registry.keys import SHA256_DIGEST, UserKey, unescape
@@ -103,7 +104,7 @@ def fsck(reg: Registry, *, repair: bool = False, grace_s: float = GRACE_S) -> Fs
     if grace_s < 0:
         raise ValueError(f"grace_s must be >= 0, got {grace_s}")
     report = FsckReport(repair=repair)
-    sizes = dict(reg.store.list())
+    sizes = {k: size for k, size in reg.store.list() if not ERASURE_KEY.fullmatch(k)}
     report.objects = len(sizes)
     referenced: set[str] = set()
     for key, model in reg.models():

@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 from prefixfleet.registry import refs
 from prefixfleet.registry.cache import ContentCache, ResolutionCache
 from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog
+from prefixfleet.registry.erasure import ErasureSnapshot, Forgotten, Tombstones
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
 from prefixfleet.registry.home import home_dir
@@ -41,6 +42,10 @@ class RegistryAddress:
                         model_prefix=self.model_prefix)
 
 
+def _forgotten(key: UserKey) -> Forgotten:
+    return Forgotten(f"{key} was forgotten after this publish began; nothing of it was kept")
+
+
 class Registry:
     """Publish, resolve and fetch per-user prefixes. Thread-safe; share one per process.
 
@@ -57,6 +62,7 @@ class Registry:
         self.max_workers = max_workers
         self.catalog = open_catalog(tracking_uri, pool_size=2 * max_workers)
         self.store = open_store(store_uri, endpoint_url=s3_endpoint_url, max_pool_connections=2 * max_workers)
+        self.tombstones = Tombstones(self.store)
         self._resolutions: ResolutionCache[VersionRef] = ResolutionCache(ttl=resolve_ttl)
         self._contents = ContentCache(max_bytes=cache_bytes)
         self._refreshing: set[tuple[str, Hashable]] = set()
@@ -92,13 +98,15 @@ class Registry:
 
     def publish(self, key: UserKey, artifact: bytes, *, metrics: dict[str, float] | None = None,
                 run_id: str | None = None, alias: str | None = "candidate",
-                tags: dict[str, str] | None = None) -> VersionRef:
+                tags: dict[str, str] | None = None, erasures: ErasureSnapshot | None = None) -> VersionRef:
         """Store `artifact` as a new version of `key` and point `alias` at it.
 
         Exactly once: when a version of this user already has the artifact's (data fingerprint,
         spec, backbone fingerprint), that version is returned and nothing is created; concurrent
         retries that race past the check keep the oldest version and delete their own.
         Concurrent publishes leave `alias` on the newest version that asked for it.
+        Erasure: a user forgotten after `erasures` was taken (a job's start; without one, this
+        call's start) raises Forgotten, and whatever this call wrote is removed again.
         """
         header = read_header(artifact)
         header.check_binding(key)
@@ -107,28 +115,83 @@ class Registry:
         if self.tracking_uri.startswith(("http://", "https://")) and isinstance(self.store, FileStore):
             raise RegistryError("an MLflow server does not register file:// artifacts; "
                                 "set PREFIXFLEET_STORE to s3://bucket/prefix")
+        known = self.tombstones.known(key, erasures)
+        if erasures is not None:
+            self._refuse_forgotten(key, known)
         sha256 = hashlib.sha256(artifact).hexdigest()
         tags_ = refs.version_tags(header, sha256, len(artifact), metrics=metrics, run_id=run_id,
                                   alias=alias, tags=tags)
-        tags_[refs.PUBLISH_TOKEN] = uuid.uuid4().hex
+        token = tags_[refs.PUBLISH_TOKEN] = uuid.uuid4().hex
         name = key.model_name(self.prefix)
+        try:
+            ref = self._publish(key, name, artifact, tags_, alias, known)
+        except (Missing, Forgotten):  # the model went away under us: only a forget deletes one
+            self._undo_if_forgotten(key, name, sha256, token, known)
+            raise
+        self._undo_if_forgotten(key, name, sha256, token, known)
+        return ref
+
+    def _publish(self, key: UserKey, name: str, artifact: bytes, tags: dict[str, str], alias: str | None,
+                 known: frozenset[str]) -> VersionRef:
         created = self.catalog.create_model(name, refs.model_tags(key))
-        if not created and (twin := self._oldest_twin(name, header.identity)):
+        if not created and (twin := self._oldest_twin(name, tags[refs.IDENTITY])):
             return self._exact_ref(key, name, twin.version)
-        object_key = key.object_key(sha256)
+        object_key = key.object_key(tags[refs.SHA256])
         self.store.put(object_key, artifact)
-        mine = self._create_version(key, name, self.store.uri_for(object_key), tags_)
+        mine = self._create_version(key, name, self.store.uri_for(object_key), tags, artifact, known)
         try:
             kept, aliased = self._settle(name, mine, alias)
         finally:
             self._resolutions.invalidate(name)
         if kept.version != mine.version:
-            if kept.tags[refs.SHA256] != sha256:
+            if kept.tags[refs.SHA256] != tags[refs.SHA256]:
                 self.store.delete(object_key)
             return self._exact_ref(key, name, kept.version)
         if aliased and alias == refs.PRODUCTION:
             self._record_production(name)
         return VersionRef.from_record(key, kept, aliases=[alias] if aliased and alias else [])
+
+    def _create_version(self, key: UserKey, name: str, uri: str, tags: dict[str, str], artifact: bytes,
+                        known: frozenset[str]) -> VersionRecord:
+        try:
+            return self.catalog.create_version(name, uri, tags)
+        except Missing:  # deleted since our create: by a forget, or by a publish undoing itself after one
+            self._refuse_forgotten(key, known)
+            self.catalog.create_model(name, refs.model_tags(key))
+            self.store.put(key.object_key(tags[refs.SHA256]), artifact)  # a racing undo may have taken it
+            return self.catalog.create_version(name, uri, tags)
+
+    def _refuse_forgotten(self, key: UserKey, known: frozenset[str]) -> None:
+        if self.tombstones.forgotten_since(key, known):
+            raise _forgotten(key)
+
+    def _undo_if_forgotten(self, key: UserKey, name: str, sha256: str, token: str, known: frozenset[str]) -> None:
+        """After a publish's last write: if a forget came meanwhile, remove what this publish wrote
+        (its versions, then its artifact and the model unless later work uses them) and raise
+        Forgotten. Work begun after that forget keeps its own versions."""
+        if not self.tombstones.forgotten_since(key, known):
+            return
+        try:
+            for rec in list(self.versions(name)):
+                if rec.tags.get(refs.PUBLISH_TOKEN) == token:
+                    self._delete_version(name, rec.version)
+            rest = list(self.versions(name))
+            if not any(r.tags.get(refs.SHA256) == sha256 for r in rest):
+                self.store.delete(key.object_key(sha256))
+            if not rest:
+                try:
+                    self.catalog.delete_model(name)
+                except Missing:
+                    pass
+        finally:
+            self.invalidate(key)
+        raise _forgotten(key)
+
+    def _delete_version(self, name: str, version: int) -> None:
+        try:
+            self.catalog.delete_version(name, version)
+        except Missing:
+            pass
 
     def find(self, key: UserKey, *, data_fingerprint: str, spec: str, backbone_fingerprint: str,
              settings: str = "") -> VersionRef | None:
@@ -145,13 +208,6 @@ class Registry:
         if rec is None:
             raise self._not_found(key, name, version)
         return VersionRef.from_record(key, rec)
-
-    def _create_version(self, key: UserKey, name: str, uri: str, tags: dict[str, str]) -> VersionRecord:
-        try:
-            return self.catalog.create_version(name, uri, tags)
-        except Missing:  # the model was forgotten between our create and this call
-            self.catalog.create_model(name, refs.model_tags(key))
-            return self.catalog.create_version(name, uri, tags)
 
     def _oldest_twin(self, name: str, ident: str) -> VersionRecord | None:
         found, _ = self.catalog.search_versions(
@@ -197,10 +253,7 @@ class Registry:
             written = wanted
         kept = kept or mine
         for version in sorted(leftovers | ({mine.version} - {kept.version})):
-            try:
-                self.catalog.delete_version(name, version)
-            except Missing:
-                pass
+            self._delete_version(name, version)
         return kept, written == kept.version
 
     # ---- reading ----------------------------------------------------------------------------
@@ -327,6 +380,19 @@ class Registry:
 
     # ---- managing ---------------------------------------------------------------------------
 
+    def erasure_snapshot(self, namespaces: Iterable[str]) -> ErasureSnapshot:
+        """The forgets known now in these namespaces: a job takes one when it starts, and its
+        publishes keep nothing of a user forgotten after that (see `publish`)."""
+        return self.tombstones.snapshot(check_namespace(ns) for ns in namespaces)
+
+    def forgotten_since(self, key: UserKey, erasures: ErasureSnapshot) -> bool:
+        """Whether the user was forgotten after `erasures` was taken."""
+        return self.tombstones.forgotten_since(key, self.tombstones.known(key, erasures))
+
+    def pseudonym(self, key: UserKey) -> str:
+        """How records that outlive a forget (job runs) name the user: stable, and no id in it."""
+        return self.tombstones.pseudonym(key)
+
     def invalidate(self, key: UserKey) -> None:
         """Drop this process's cached resolutions and bytes of one user."""
         self._resolutions.invalidate(key.model_name(self.prefix))
@@ -385,8 +451,10 @@ class Registry:
             self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr((history + [current])[-100:]))
 
     def forget(self, key: UserKey) -> ForgetReceipt:
-        """Erase every version, alias, tag and artifact of the user (idempotent)."""
+        """Erase every version, alias, tag and artifact of the user (idempotent). A tombstone goes
+        first, so publishes begun earlier (and jobs started earlier) keep nothing of the user."""
         name = key.model_name(self.prefix)
+        self.tombstones.record(key)
         model = self.catalog.get_model(name)
         versions = [r.version for r in self.versions(name)] if model else []
         try:

@@ -205,7 +205,7 @@ class S3Store(ObjectStore):
             raise
 
     def delete_prefix(self, prefix: str) -> list[str]:
-        keys = self._retried("list", lambda: [key for key, _ in self.list(prefix)])
+        keys = [key for key, _ in self.list(prefix)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
             self._retried("delete", lambda batch=batch: self.client.delete_objects(
@@ -215,10 +215,14 @@ class S3Store(ObjectStore):
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         root = f"{self.prefix}/" if self.prefix else ""
         prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
-        for page in pages:
+        request = {"Bucket": self.bucket, "Prefix": root + prefix}
+        while True:
+            page = self._retried("list", lambda request=dict(request): self.client.list_objects_v2(**request))
             for item in page.get("Contents", []):
                 yield item["Key"][len(root):], item["Size"]
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def open_store(uri: str, *, endpoint_url: str | None = None, max_pool_connections: int = 32) -> ObjectStore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from prefixfleet.pipelines.training.progress import JobProgress
 from prefixfleet.pipelines.training.published import config_params
 from prefixfleet.pipelines.training.retrain import plan_retrain
 from prefixfleet.pipelines.training.tracking import JobRun
-from prefixfleet.registry import Registry, Unavailable
+from prefixfleet.registry import Registry, Unavailable, UserKey
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger("prefixfleet")
@@ -78,12 +79,13 @@ class JobSummary:
             out["mean_baseline_eval_loss"] = sum(o.baseline_eval_loss for o in trained) / len(trained)
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, pseudonym: Callable[[UserKey], str] | None = None) -> dict[str, Any]:
+        """The summary; with `pseudonym`, as the job run stores it: no user id in it."""
         return {
             "job_id": self.job_id, "kind": self.kind,
             "rows": {"read": self.data.rows_read, "skipped": len(self.data.bad_rows), "used": self.data.rows_used},
             "users": self.users,
-            "per_user": [o.to_json() for o in self.per_user],
+            "per_user": [o.to_record(pseudonym(o.key)) if pseudonym else o.to_json() for o in self.per_user],
             "bad_rows": [str(b) for b in self.data.bad_rows],
             "elapsed_s": round(self.elapsed_s, 3),
         }
@@ -149,6 +151,7 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
     pack_size = 1 if isolated else request.pack_size
     planner = plan_retrain if request.kind == "retrain" else plan_train
     try:
+        erasures = registry.erasure_snapshot({key.namespace for key in data.users})  # the job's start
         plan = planner(data, registry, request.spec, request.config, fingerprint)
     except Unavailable as exc:
         raise JobError(f"cannot plan the job: {exc}") from exc
@@ -160,7 +163,7 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
         "spec": request.spec.to_json(), **config_params(request.config),
     })
     try:
-        context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size)
+        context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size, erasures)
         chunks = split(plan.tasks, len(fleet.actors), pack_size, isolated)
         with JobProgress(len(plan.tasks), len(plan.skipped), live=request.progress) as progress:
             outcomes = fleet.run(chunks, context, progress)
@@ -172,7 +175,7 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData
             raise JobError(f"stopped: {down[0].unavailable_reason}. "
                            f"{summary.count('trained')} users were trained and published before; "
                            f"run the same command again to finish the other {len(down)}")
-        run.finish(summary.metrics(), outcomes, summary.to_json())
+        run.finish(summary.metrics(), outcomes, summary.to_json(registry.pseudonym), registry.pseudonym)
     except BaseException as exc:
         run.fail(f"{type(exc).__name__}: {exc}")
         raise

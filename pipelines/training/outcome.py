@@ -1,15 +1,17 @@
 """What happened to one user in a job: trained, skipped or failed, with its losses and gate."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prefixfleet.registry import Unavailable, UserKey
+from prefixfleet.registry import Forgotten, Unavailable, UserKey
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
 
 STATUSES = ("trained", "skipped", "failed")
 NOT_STARTED = "not started: "
+FORGOTTEN = "forgotten after this job started: nothing of the user was published"
 
 
 @dataclass(kw_only=True)
@@ -36,6 +38,8 @@ class Outcome:
 
     @classmethod
     def from_error(cls, key: UserKey, exc: Exception) -> Outcome:
+        if isinstance(exc, Forgotten):  # the job did what it must; only a later job may train the user
+            return cls(key=key, status="skipped", reason=FORGOTTEN)
         return cls.failed(key, reason_of(exc), unavailable=isinstance(exc, Unavailable))
 
     @classmethod
@@ -52,6 +56,20 @@ class Outcome:
         out = {"namespace": self.key.namespace, "user_id": self.key.user_id, **asdict(self)}
         del out["key"], out["loss_curve"]
         return out
+
+    def to_record(self, pseudonym: str) -> dict[str, Any]:
+        """The row a job run stores: the user named by `pseudonym`, so a forget leaves none to erase."""
+        out = {"namespace": self.key.namespace, "user": pseudonym, **self.to_json()}
+        del out["user_id"]
+        out["reason"] = scrub(self.reason, self.key, pseudonym)
+        return out
+
+
+def scrub(text: str, key: UserKey, alias: str) -> str:
+    """`text` with the user's id in each spelling our messages use (as is, inside repr quotes,
+    escaped in model names and object keys) replaced by `alias`."""
+    spellings = sorted({key.user_id, repr(key.user_id)[1:-1], key.escaped_user}, key=len, reverse=True)
+    return re.sub(rf"(?<![\w~-])(?:{'|'.join(map(re.escape, spellings))})(?![\w~-])", alias, text)
 
 
 def reason_of(exc: Exception) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from prefixfleet.pipelines.training.data import TrainingData, UserData
 from prefixfleet.pipelines.training.published import PublishedLookup
-from prefixfleet.registry import Registry, Unavailable, UserKey, VersionRef
+from prefixfleet.registry import ErasureSnapshot, Registry, Unavailable, UserKey, VersionRef
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.registry.refs import PRODUCTION
 from prefixfleet.workers.data import Example
@@ -42,6 +42,7 @@ class JobContext:
     backbone: str  # id or path, recorded in each artifact
     config: TrainConfig
     pack_size: int
+    erasures: ErasureSnapshot | None = None  # forgets known at the job's start; None: each publish's
 
 
 @dataclass(frozen=True)

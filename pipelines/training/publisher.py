@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from prefixfleet.pipelines.training.gate import Verdict, judge
 from prefixfleet.pipelines.training.outcome import Outcome
 from prefixfleet.pipelines.training.plan import JobContext, UserTask
-from prefixfleet.registry import NotFound, Registry, UserKey, VersionRef
+from prefixfleet.registry import Forgotten, NotFound, Registry, UserKey, VersionRef
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
 from prefixfleet.workers.prefix import PrefixTensors
 from prefixfleet.workers.trainer import UserResult
@@ -46,7 +46,10 @@ class Publisher:
         self.registry.close()
 
     def existing(self, task: UserTask, context: JobContext) -> VersionRef | None:
-        """The version the plan found for this task, or one this job published before a crash."""
+        """The version the plan found for this task, or one this job published before a crash.
+        Forgotten when the user was forgotten after the job started: it is not trained."""
+        if context.erasures is not None and self.registry.forgotten_since(task.key, context.erasures):
+            raise Forgotten(f"{task.key} was forgotten after this job started")
         if task.existing is not None:
             return self.registry.resolve(task.key, version=task.existing)
         return self.registry.find(task.key, data_fingerprint=task.data_fingerprint, spec=task.spec.to_json(),
@@ -75,7 +78,7 @@ class Publisher:
         if production.loss is not None:
             metrics["production_eval_loss"] = production.loss
         ref = self.registry.publish(task.key, serialize(result.tensors, meta), metrics=metrics, run_id=context.run_id,
-                                    alias="candidate",
+                                    alias="candidate", erasures=context.erasures,
                                     tags={"job": context.kind, "reason": task.reason, GATED_AGAINST: production.label})
         verdict = self._gate(ref, result.eval_loss, result.baseline_eval_loss, production.loss)
         return Outcome(key=task.key, status="trained", version=ref.version, sha256=ref.sha256,

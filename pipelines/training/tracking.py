@@ -1,11 +1,12 @@
 """Each job is one MLflow run in the registry's tracking store: parameters, aggregate metrics, the
-mean training-loss curve, a per-user metrics table and a loss-curve plot."""
+mean training-loss curve, a per-user metrics table and a loss-curve plot. What a run stores names
+users only by pseudonym (Registry.pseudonym), so a `forget` leaves nothing of them in job runs."""
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.registry import UserKey
 
 log = logging.getLogger("prefixfleet")
 EXPERIMENT = "prefixfleet-jobs"
@@ -69,7 +71,9 @@ class JobRun:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         return self.run_id
 
-    def finish(self, metrics: dict[str, float], outcomes: Sequence[Outcome], summary: dict[str, Any]) -> None:
+    def finish(self, metrics: dict[str, float], outcomes: Sequence[Outcome], summary: dict[str, Any],
+               pseudonym: Callable[[UserKey], str]) -> None:
+        """Metrics, the per-user table (users by `pseudonym` only), the loss plot and `summary`."""
         now = int(time.time() * 1000)
         logged = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         curves = [o.loss_curve for o in outcomes if o.loss_curve]
@@ -79,7 +83,7 @@ class JobRun:
             logged += [Metric("train_loss_mean", float(v), now, step) for step, v in enumerate(mean, 1)]
         for start in range(0, len(logged), 1000):
             self.client.log_batch(self.run_id, metrics=logged[start:start + 1000])
-        rows = [o.to_json() for o in outcomes]
+        rows = [o.to_record(pseudonym(o.key)) for o in outcomes]
         if rows:
             self.client.log_table(self.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "per_user.json")
         if (figure := loss_plot(outcomes)) is not None:

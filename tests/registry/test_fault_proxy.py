@@ -90,3 +90,13 @@ def test_an_outage_refuses_everything_until_it_ends(upstream: str) -> None:
             post(proxy, "down")
         assert post(proxy, "up").status_code == 201
     assert _Counting.seen == ["up"] and proxy.counts == {"outage": 1, "ok": 1}
+
+
+def test_an_outage_can_refuse_only_some_requests(upstream: str) -> None:
+    with FaultProxy(upstream) as proxy:
+        with proxy.outage(only=lambda method, path: method == "POST"):
+            with pytest.raises(requests.ConnectionError):
+                post(proxy, "held")
+            assert requests.get(proxy.url + "/read", timeout=10).status_code == 501  # reached the server
+        assert post(proxy, "held").status_code == 201
+    assert _Counting.seen == ["held"] and proxy.counts == {"outage": 1, "ok": 2}
