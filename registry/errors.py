@@ -21,3 +21,8 @@ class InvalidUserKey(RegistryError, ValueError):
 class Unavailable(RegistryError):
     """A server stayed unreachable past the outage deadline; nothing of the operation is lost, and
     running it again once the server is back finishes it."""
+
+
+class Forbidden(RegistryError):
+    """The object store refused these credentials for this key (each namespace may hold its own):
+    nothing was read or written there."""

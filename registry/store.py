@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from prefixfleet.registry.errors import RegistryError
+from prefixfleet.registry.errors import Forbidden, RegistryError
 from prefixfleet.registry.retry import RetryPolicy
 
 # botocore's standard mode retries 5xx, throttling and connection errors a few times; past those,
@@ -27,6 +27,7 @@ from prefixfleet.registry.retry import RetryPolicy
 S3_ATTEMPTS = 4
 _TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
                               "InternalError", "RequestTimeTooSkewed"})
+_REFUSED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
 T = TypeVar("T")
 _SESSION = boto3.session.Session()
 _SESSION_LOCK = threading.Lock()
@@ -160,11 +161,19 @@ class S3Store(ObjectStore):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _retried(self, operation: str, call: Callable[[], T]) -> T:
-        return self.policy.run("S3", operation, call, _transient)
+    def _retried(self, operation: str, key: str, call: Callable[[], T]) -> T:
+        """`call` under the retry rule; a refusal of these credentials is Forbidden, naming the key."""
+        try:
+            return self.policy.run("S3", operation, call, _transient)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            if error.get("Code") in _REFUSED_CODES:
+                raise Forbidden(f"S3 refused {operation} of {self.uri_for(key)}: {error.get('Code')} "
+                                "(the credentials in use may not touch this namespace)") from exc
+            raise
 
     def put(self, key: str, data: bytes) -> bool:
-        return self._retried("put", lambda: self._put(key, data))
+        return self._retried("put", key, lambda: self._put(key, data))
 
     def _put(self, key: str, data: bytes) -> bool:
         try:
@@ -180,7 +189,7 @@ class S3Store(ObjectStore):
             raise
 
     def get(self, key: str) -> bytes | None:
-        return self._retried("get", lambda: self._get(key))
+        return self._retried("get", key, lambda: self._get(key))
 
     def _get(self, key: str) -> bytes | None:
         try:
@@ -191,10 +200,10 @@ class S3Store(ObjectStore):
             raise
 
     def delete(self, key: str) -> None:
-        self._retried("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+        self._retried("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def modified(self, key: str) -> float | None:
-        return self._retried("head", lambda: self._modified(key))
+        return self._retried("head", key, lambda: self._modified(key))
 
     def _modified(self, key: str) -> float | None:
         try:
@@ -205,11 +214,15 @@ class S3Store(ObjectStore):
             raise
 
     def delete_prefix(self, prefix: str) -> list[str]:
+        """Batch deletes; a key a batch reports as not deleted is deleted alone, which raises if the
+        store refuses it again (a batch answers 200 whatever became of each key)."""
         keys = [key for key, _ in self.list(prefix)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
-            self._retried("delete", lambda batch=batch: self.client.delete_objects(
+            answer = self._retried("delete", prefix, lambda batch=batch: self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+            for error in answer.get("Errors", []):
+                self.delete(error["Key"].removeprefix(f"{self.prefix}/" if self.prefix else ""))
         return keys
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
@@ -217,7 +230,7 @@ class S3Store(ObjectStore):
         prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         request = {"Bucket": self.bucket, "Prefix": root + prefix}
         while True:
-            page = self._retried("list", lambda request=dict(request): self.client.list_objects_v2(**request))
+            page = self._retried("list", prefix, lambda request=dict(request): self.client.list_objects_v2(**request))
             for item in page.get("Contents", []):
                 yield item["Key"][len(root):], item["Size"]
             if not page.get("IsTruncated"):
