@@ -40,6 +40,12 @@ class Example:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise BadExample(f"field {name!r} must be a string, got {type(value).__name__}")
+            if value is not None and not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError as exc:
+                    raise BadExample(f"field {name!r} is not valid Unicode (unpaired surrogate "
+                                     f"U+{ord(value[exc.start]):04X} at character {exc.start + 1})") from None
         if pair and (self.prompt is None or not self.completion):
             raise BadExample("`completion` must be a non-empty string next to `prompt`")
         if self.text is not None and not self.text.strip():

@@ -119,14 +119,25 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def _jsonl_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[str, object]]:
+    """Lines end at newline bytes only (JSON Lines; a CRLF ending is stripped), each decoded
+    strictly: a byte that is not UTF-8 makes its row bad rather than U+FFFD in someone's text.
+    A byte-order mark opening the file is skipped."""
     with fs.open_input_stream(path, compression="detect") as stream:
-        for number, raw in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), 1):
-            if not raw.strip():
+        for number, raw in enumerate(io.BufferedReader(stream), 1):
+            where = f"{name}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, BadRow(where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+                continue
+            if not line.strip():
                 continue
             try:
-                yield f"{name}:{number}", json.loads(raw)
+                yield where, json.loads(line)
+            except RecursionError:
+                yield where, BadRow(where, "not valid JSON (nested too deeply)")
             except ValueError as exc:
-                yield f"{name}:{number}", BadRow(f"{name}:{number}", f"not valid JSON ({exc})")
+                yield where, BadRow(where, f"not valid JSON ({exc})")
 
 
 def _parquet_rows(fs: pafs.FileSystem, path: str, name: str) -> Iterator[tuple[str, object]]:
