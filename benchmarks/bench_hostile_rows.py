@@ -8,8 +8,10 @@ garbage). For each JSONL file:
   ours      pipelines.training.data.read_data, checked as the tests check it: no crash, every
             non-blank row counted once, each good row with its user, each bad row named by file and
             line with a reason naming its problem.
-  datasets  datasets.load_dataset("json", data_files=FILE): the whole file loads or fails; rows
-            are not validated, so a hostile row that loads is data.
+  datasets  datasets.load_dataset("json", data_files=FILE), in a worker process of its own: the
+            whole file loads, fails, or kills the process (pyarrow's JSON parser segfaults on
+            deeply nested input; the worker is then restarted); rows are not validated, so a
+            hostile row that loads is data.
 
 Parquet files (string columns) go through ours only. Prints rows tried, named, accepted, files
 refused whole, and hostile rows that came through as data.
@@ -19,8 +21,10 @@ refused whole, and hostile rows that came through as data.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,13 +49,49 @@ from tests.fixtures.hostile_rows import (  # noqa: E402
 )
 
 
-def run_jsonl(files: int, at_seed: int, cache: str) -> tuple[Counter, Counter, float, float]:
+class AnchorWorker:
+    """`datasets.load_dataset("json")` in a child process, restarted whenever a file kills it."""
+
+    def __init__(self, cache: str) -> None:
+        self.cache, self.process = cache, None
+
+    def load(self, path: Path) -> dict:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([sys.executable, __file__, "--anchor-worker", self.cache],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process.stdin.write(f"{path}\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            self.process.wait()
+            return {"crashed": f"signal {-self.process.returncode}" if self.process.returncode < 0 else "exit"}
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait()
+
+
+def anchor_worker(cache: str) -> None:
+    logging.disable(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    for line in sys.stdin:
+        try:
+            loaded = datasets.load_dataset("json", data_files=line.strip(), cache_dir=cache, split="train")
+            answer = {"rows": len(loaded)}
+        except Exception as exc:  # noqa: BLE001 - what the anchor does with the file is the measurement
+            answer = {"error": type(exc).__name__}
+        print(json.dumps(answer), flush=True)
+
+
+def run_jsonl(files: int, at_seed: int, folder: str) -> tuple[Counter, Counter, float, float]:
     ours, anchor = Counter(), Counter()
     times = {"ours": 0.0, "datasets": 0.0}
+    worker = AnchorWorker(os.path.join(folder, "cache"))
 
     @seed(at_seed)
-    @settings(max_examples=files, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=files, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(jsonl_rows, min_size=1, max_size=25))
     def one_file(rows: list[Row]) -> None:
         started = time.perf_counter()
@@ -60,19 +100,23 @@ def run_jsonl(files: int, at_seed: int, cache: str) -> tuple[Counter, Counter, f
         times["ours"] += time.perf_counter() - started
         ours.update(files=1, rows=len(counted), named=len(data.bad_rows), accepted=data.rows_used,
                     hostile=sum(r.expect not in (None, ANY) for r in counted))
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "hostile.jsonl"
-            path.write_bytes(b"\n".join(r.data for r in rows) + b"\n")
-            started = time.perf_counter()
-            try:
-                loaded = datasets.load_dataset("json", data_files=str(path), cache_dir=cache, split="train")
-                anchor.update(files=1, loaded=1, rows=len(loaded),
-                              hostile_as_data=max(0, len(loaded) - data.rows_used))
-            except Exception as exc:  # noqa: BLE001 - what the anchor does with the file is the measurement
-                anchor.update(files=1, refused_whole=1, **{f"error {type(exc).__name__}": 1})
-            times["datasets"] += time.perf_counter() - started
+        path = Path(folder) / f"hostile-{ours['files']}.jsonl"
+        path.write_bytes(b"\n".join(r.data for r in rows) + b"\n")
+        started = time.perf_counter()
+        answer = worker.load(path)
+        times["datasets"] += time.perf_counter() - started
+        path.unlink()
+        if "rows" in answer:
+            anchor.update(files=1, loaded=1, rows=answer["rows"], hostile_as_data=max(0, answer["rows"] - data.rows_used))
+        elif "crashed" in answer:
+            anchor.update(files=1, crashed=1, **{f"crash {answer['crashed']}": 1})
+        else:
+            anchor.update(files=1, refused_whole=1, **{f"error {answer['error']}": 1})
 
-    one_file()
+    try:
+        one_file()
+    finally:
+        worker.close()
     return ours, anchor, times["ours"], times["datasets"]
 
 
@@ -94,22 +138,24 @@ def run_parquet(files: int, at_seed: int) -> tuple[Counter, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--anchor-worker"]:
+        return anchor_worker(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    logging.disable(logging.CRITICAL)
-    datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory() as cache:
-        ours, anchor, ours_s, anchor_s = run_jsonl(args.files, args.seed, cache)
+    with tempfile.TemporaryDirectory() as folder:
+        ours, anchor, ours_s, anchor_s = run_jsonl(args.files, args.seed, folder)
     parquet, parquet_s = run_parquet(args.files, args.seed)
     print(f"JSONL, {ours['files']} files, {ours['rows']} rows ({ours['hostile']} hostile by construction, "
           "plus random garbage lines):")
     print(f"  ours      named {ours['named']} bad rows by file and line, accepted {ours['accepted']}; "
           f"crashes 0; {ours_s:.1f} s")
     errors = {k.removeprefix("error "): v for k, v in anchor.items() if k.startswith("error ")}
+    crashes = {k.removeprefix("crash "): v for k, v in anchor.items() if k.startswith("crash ")}
     print(f"  datasets  loaded {anchor['loaded']} files ({anchor['rows']} rows, {anchor['hostile_as_data']} of them "
-          f"rows ours refused), refused {anchor['refused_whole']} files whole {errors}; {anchor_s:.1f} s")
+          f"rows ours refused), refused {anchor['refused_whole']} files whole {errors}, "
+          f"crashed on {anchor['crashed']} {crashes}; {anchor_s:.1f} s")
     print(f"Parquet, {parquet['files']} files, {parquet['rows']} rows ({parquet['hostile']} hostile):")
     print(f"  ours      named {parquet['named']} bad rows by file and row, accepted {parquet['accepted']}; "
           f"crashes 0; {parquet_s:.1f} s")

@@ -59,8 +59,11 @@ class Tombstones:
         return tombstone
 
     def snapshot(self, namespaces: Iterable[str]) -> ErasureSnapshot:
-        """Every tombstone of these namespaces now."""
+        """Every tombstone of these namespaces now. Makes their secrets if need be: the job's
+        workers then read each secret once, not once per check while none exists."""
         spaces = frozenset(namespaces)
+        for namespace in sorted(spaces):
+            self._secret(namespace, create=True)
         found = frozenset(k for ns in sorted(spaces) for k, _ in self.store.list(f"{ns}/{ERASURE_DIR}/{_FORGOTTEN}"))
         return ErasureSnapshot(spaces, found)
 

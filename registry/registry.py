@@ -116,8 +116,6 @@ class Registry:
             raise RegistryError("an MLflow server does not register file:// artifacts; "
                                 "set PREFIXFLEET_STORE to s3://bucket/prefix")
         known = self.tombstones.known(key, erasures)
-        if erasures is not None:
-            self._refuse_forgotten(key, known)
         sha256 = hashlib.sha256(artifact).hexdigest()
         tags_ = refs.version_tags(header, sha256, len(artifact), metrics=metrics, run_id=run_id,
                                   alias=alias, tags=tags)
