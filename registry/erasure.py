@@ -19,8 +19,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.registry.keys import UserKey
@@ -42,6 +44,17 @@ class ErasureSnapshot:
 
     namespaces: frozenset[str]
     tombstones: frozenset[str]  # object keys
+
+    def in_folder(self, folder: str) -> frozenset[str]:
+        """The tombstones of one user's folder (a dictionary look-up, not a scan per publish)."""
+        return self._by_folder.get(folder, frozenset())
+
+    @cached_property
+    def _by_folder(self) -> dict[str, frozenset[str]]:
+        grouped: defaultdict[str, set[str]] = defaultdict(set)
+        for tombstone in self.tombstones:
+            grouped[tombstone.rsplit("/", 1)[0]].add(tombstone)
+        return {folder: frozenset(keys) for folder, keys in grouped.items()}
 
 
 class Tombstones:
@@ -74,7 +87,7 @@ class Tombstones:
         if key.namespace not in snapshot.namespaces:
             raise ValueError(f"the erasure snapshot does not cover namespace {key.namespace!r}")
         folder = self._folder(key, self._secret(key.namespace))
-        return frozenset(t for t in snapshot.tombstones if t.startswith(folder + "/")) if folder else frozenset()
+        return snapshot.in_folder(folder) if folder else frozenset()
 
     def forgotten_since(self, key: UserKey, known: frozenset[str]) -> bool:
         """Whether the user has a tombstone that `known` lacks: forgotten since then."""
