@@ -5,7 +5,7 @@ defect — missing or mistyped fields, unsafe user ids, bad namespaces, blank te
 surrogates; raw lines — broken or deeply nested JSON, non-objects, bytes that are not UTF-8, random
 garbage). For each JSONL file:
 
-  ours      pipelines.training.data.read_data, checked as the tests check it: no crash, every
+  ours      pipelines.training.data.read_shard (what the Ray Data read tasks run), checked as the tests check it: no crash, every
             non-blank row counted once, each good row with its user, each bad row named by file and
             line with a reason naming its problem.
   datasets  datasets.load_dataset("json", data_files=FILE), in a worker process of its own: the

@@ -33,10 +33,11 @@ import ray
 
 from prefixfleet.pipelines.cluster import actor_env, connect_ray
 from prefixfleet.pipelines.training.actor import UserTrainer
+from prefixfleet.pipelines.training.data import UserData
 from prefixfleet.pipelines.training.job import JobRequest, run_job, start_fleet
-from prefixfleet.pipelines.training.plan import JobContext, UserTask
+from prefixfleet.pipelines.training.plan import JobContext
 from prefixfleet.registry import Registry, RegistryAddress, UserKey
-from prefixfleet.workers.data import Example, data_fingerprint
+from prefixfleet.workers.data import Example
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from prefixfleet.workers.synthetic import dataset, user_id, user_rows
 from prefixfleet.workers.tiny import build_backbone
@@ -98,11 +99,11 @@ def peft_loop(backbone: str, users: list[int], examples: int, config: TrainConfi
     return time.perf_counter() - started
 
 
-def naive_user(backbone: str, registry: RegistryAddress, task: UserTask, context: JobContext) -> str:
+def naive_user(backbone: str, registry: RegistryAddress, user: UserData, context: JobContext) -> str:
     """The naive way: this task loads the backbone, trains one user alone and publishes it."""
     trainer = UserTrainer(backbone, registry)
     try:
-        outcome, = trainer.train([task], context)
+        outcome, = trainer.train_users([user], context)
     finally:
         trainer.close()
     return outcome.status
@@ -111,12 +112,11 @@ def naive_user(backbone: str, registry: RegistryAddress, task: UserTask, context
 def run_naive(backbone: str, registry: Registry, users: list[int], examples: int, config: TrainConfig,
               max_calls: int, namespace: str) -> float:
     naive = ray.remote(num_cpus=1, max_calls=max_calls)(naive_user)
-    context = JobContext("naive", "train", backbone, config, 1)
+    context = JobContext("naive", "train", backbone, config, 1, PrefixSpec())
     env = {"runtime_env": {"env_vars": actor_env(True)}}
     tasks = []
     for i in users:
-        train = tuple(examples_of(i, examples))
-        tasks.append(UserTask(UserKey(namespace, user_id(i)), train, (), data_fingerprint(train), PrefixSpec()))
+        tasks.append(UserData(UserKey(namespace, user_id(i)), list(examples_of(i, examples))))
     started = time.perf_counter()
     statuses = ray.get([naive.options(**env).remote(backbone, registry.address, t, context) for t in tasks])
     elapsed = time.perf_counter() - started

@@ -41,6 +41,8 @@ AddressOpt = Annotated[str | None, typer.Option(
 ActorsOpt = Annotated[int | None, typer.Option("--actors", help="Trainer actors (default: as many as fit).")]
 CpusOpt = Annotated[float, typer.Option("--actor-cpus", help="CPUs per trainer actor.")]
 GpusOpt = Annotated[float, typer.Option("--actor-gpus", help="GPUs per trainer actor; fractions share a GPU.")]
+PerUserOutOpt = Annotated[Path | None, typer.Option(
+    "--per-user-out", help="Write every per-user row as JSONL to this file (--json then may carry counts only).")]
 OutageOpt = Annotated[float, typer.Option(
     "--outage-deadline", help="Seconds to wait out an unreachable MLflow or S3 before the job stops; "
                               "running it again finishes it.")]
@@ -71,14 +73,20 @@ def _run(request: JobRequest, home: Path | None, outage_deadline: float) -> JobS
     except DataError as exc:
         for row in exc.bad_rows:
             typer.echo(f"bad row {row}", err=True)
+        if exc.bad_count > len(exc.bad_rows):
+            typer.echo(f"… and {exc.bad_count - len(exc.bad_rows)} more bad rows", err=True)
         fail(str(exc), code=2)
     except (JobError, RegistryError, WorkerError) as exc:
         fail(str(exc))
     return summary
 
 
-def _report(summary: JobSummary, as_json: bool) -> None:
+def _report(summary: JobSummary, as_json: bool, per_user_out: Path | None) -> None:
     lines = [f"job {summary.job_id}"]
+    if summary.truncated:
+        where = f"every one in {per_user_out}" if per_user_out else "pass --per-user-out FILE for every one"
+        lines.append(f"  {summary.listed} users trained, failed or promoted; the first {len(summary.per_user)} "
+                     f"shown ({where})")
     for o in summary.per_user:
         if o.status == "failed":
             lines.append(f"  {o.key.namespace}/{o.key.user_id}: failed: {o.reason}")
@@ -94,7 +102,8 @@ def _report(summary: JobSummary, as_json: bool) -> None:
 
 def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
              lr: float | None, batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
-             address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float) -> JobRequest:
+             address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float,
+             per_user_out: Path | None) -> JobRequest:
     with needs("train"):
         from prefixfleet.pipelines.training.job import JobRequest
 
@@ -106,7 +115,7 @@ def _request(kind: str, data: str, backbone: str, namespace: str, method: str, v
     if pack_size < 1:
         fail(f"--pack-size must be at least 1, got {pack_size}", code=2)
     return JobRequest(data, backbone, kind, namespace, spec, config, mode, pack_size, skip_bad_rows, address,
-                      actors, actor_cpus, actor_gpus)
+                      actors, actor_cpus, actor_gpus, per_user_out=per_user_out)
 
 
 @app.command()
@@ -115,12 +124,13 @@ def train(
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
     actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
-    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, home: HomeOption = None, as_json: JsonOption = False,
+    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, home: HomeOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Train every user in DATA, publish each as `candidate`, promote to `production` when the gate passes."""
     request = _request("train", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
-                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus)
-    _report(_run(request, home, outage_deadline), as_json)
+                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out)
+    _report(_run(request, home, outage_deadline), as_json, per_user_out)
 
 
 @app.command()
@@ -129,15 +139,16 @@ def retrain(
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
     actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
-    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, home: HomeOption = None, as_json: JsonOption = False,
+    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, home: HomeOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Retrain only users whose data changed since their production prefix (warm start, same gate).
 
     Users without a production prefix are trained from scratch with --method/--virtual-tokens.
     """
     request = _request("retrain", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
-                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus)
-    _report(_run(request, home, outage_deadline), as_json)
+                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out)
+    _report(_run(request, home, outage_deadline), as_json, per_user_out)
 
 
 def _demo_tables(report: DemoReport) -> tuple[Table, Table]:

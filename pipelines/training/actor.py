@@ -1,12 +1,14 @@
-"""The trainer actor: loads the frozen backbone once, then trains many users' chunks packed.
+"""The trainer actor: loads the frozen backbone once, then plans and trains many users' chunks packed.
 
 Actors publish their users themselves rather than returning artifacts to the driver: publish
 throughput grows with the number of actors, artifact bytes never cross the cluster twice, and the
 driver stays a light scheduler at millions of users. Publishing runs on a small thread pool so
-registry latency overlaps training. Exactly once: before training a chunk the actor looks each
-user up by (data fingerprint, spec, training settings, backbone fingerprint); a chunk retried after
+registry latency overlaps training. Exactly once: before training a chunk the actor plans it,
+looking each user up by (data fingerprint, spec, training settings, backbone fingerprint); a chunk retried after
 a crash finishes the users it had already published (including their promotion) instead of
-training them again, and the registry's publish is itself idempotent on that identity.
+training them again, and the registry's publish is itself idempotent on that identity. A chunk
+arrives as a range of rows of an ingested block: the users' examples go from Ray's object store
+to the actor without passing through the driver.
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import pyarrow as pa
 import ray
 
+from prefixfleet.pipelines.training.data import UserData
+from prefixfleet.pipelines.training.ingest import users_in
 from prefixfleet.pipelines.training.outcome import Outcome
-from prefixfleet.pipelines.training.plan import JobContext, UserTask
+from prefixfleet.pipelines.training.plan import JobContext, Planner, UserTask
 from prefixfleet.pipelines.training.publisher import Measure, Production, Publisher
 from prefixfleet.registry import RegistryAddress, Unavailable
 from prefixfleet.workers.backbone import load_backbone, weights_checksum
@@ -34,9 +39,10 @@ class UserTrainer:
         self.backbone = load_backbone(backbone, device=device)
         self.checksum = weights_checksum(self.backbone.model)
         self.publisher = Publisher(registry.open(), self.backbone.fingerprint)
+        self.planner = Planner(self.publisher.registry, self.backbone.fingerprint)
         self.pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
         self.lock = threading.Lock()
-        self.counts = {"pid": os.getpid(), "chunk_size": 0, "chunk_done": 0}
+        self.counts = {"pid": os.getpid(), "chunk_size": 0, "chunk_planned": 0, "chunk_done": 0}
 
     def fingerprint(self) -> str:
         return self.backbone.fingerprint
@@ -56,23 +62,36 @@ class UserTrainer:
         with self.lock:
             return dict(self.counts)
 
-    def train(self, tasks: list[UserTask], context: JobContext) -> list[Outcome]:
-        """Train, gate and publish a chunk of users; one outcome per task, in order. When a server
-        stays unreachable past the outage deadline, the users not trained yet are not started."""
+    def train(self, block: pa.Table, start: int, stop: int, context: JobContext) -> list[Outcome]:
+        """The users of rows [start, stop) of an ingested block, through `train_users`."""
+        return self.train_users(users_in(block, start, stop), context)
+
+    def train_users(self, users: list[UserData], context: JobContext) -> list[Outcome]:
+        """Plan, train, gate and publish a chunk of users; one outcome per user, in order. When a
+        server stays unreachable past the outage deadline, the users not trained yet are not started."""
         with self.lock:
-            self.counts.update(chunk_size=len(tasks), chunk_done=0)
-        outcomes: list[Outcome | Future[Outcome] | None] = [None] * len(tasks)
+            self.counts.update(chunk_size=len(users), chunk_planned=0, chunk_done=0)
+        outcomes: list[Outcome | Future[Outcome] | None] = [None] * len(users)
+        tasks: list[UserTask] = []
         requests: list[UserRequest] = []
-        owners: list[int] = []  # requests[i] trains tasks[owners[i]]
+        owners: list[int] = []  # requests[i] trains users[owners[i]]
         productions: list[Production] = []
         down: Unavailable | None = None
-        for index, task in enumerate(tasks):
+        for index, user in enumerate(users):
             if down is not None:
-                outcomes[index] = Outcome.not_started(task.key, str(down))
+                outcomes[index] = Outcome.not_started(user.key, str(down))
                 self._done()
                 continue
             try:
-                existing = self.publisher.existing(task, context)
+                self.publisher.check_not_forgotten(user.key, context)
+                task = self.planner.decide(user, context)
+                with self.lock:
+                    self.counts["chunk_planned"] += 1
+                if not isinstance(task, UserTask):
+                    outcomes[index] = Outcome.planned(task)
+                    self._done()
+                    continue
+                existing = self.publisher.existing(task)
                 if existing is not None:
                     outcomes[index] = self.publisher.finish_gate(task, existing, context,
                                                                  self._measure(self._request(task, context)))
@@ -81,21 +100,22 @@ class UserTrainer:
                 request = self._request(task, context, self.publisher.warm_start(task))
                 productions.append(self.publisher.production(task.key, self._measure(request)))
                 requests.append(request)
+                tasks.append(task)
                 owners.append(index)
             except Exception as exc:  # noqa: BLE001 - one user's failure stays with that user
-                outcomes[index] = Outcome.from_error(task.key, exc)
+                outcomes[index] = Outcome.from_error(user.key, exc)
                 if isinstance(exc, Unavailable):
                     down = exc
                 self._done()
         if down is not None:
             for index in owners:
-                outcomes[index] = Outcome.not_started(tasks[index].key, str(down))
+                outcomes[index] = Outcome.not_started(users[index].key, str(down))
                 self._done()
             owners, requests = [], []
 
         def on_result(position: int, result: UserResult) -> None:
-            index = owners[position]
-            outcomes[index] = self.pool.submit(self._publish, tasks[index], result, productions[position], context)
+            outcomes[owners[position]] = self.pool.submit(self._publish, tasks[position], result,
+                                                          productions[position], context)
 
         train_users(self.backbone, requests, pack_size=context.pack_size, on_result=on_result)
         return [item.result() if isinstance(item, Future) else item for item in outcomes]

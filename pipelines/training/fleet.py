@@ -1,6 +1,8 @@
-"""The driver's side of a job: start trainer actors, feed them chunks of users, collect outcomes.
+"""The driver's side of a job: start trainer actors, feed them chunks of users, count outcomes.
 
-Each actor has at most two chunks queued, so it starts the next chunk the moment one ends. A chunk
+Chunks are ranges of rows of the ingested blocks: the driver holds block references, never the
+users' data, and takes the next chunk only when an actor can queue it. Each actor has at most two
+chunks queued, so it starts the next chunk the moment one ends. A chunk
 interrupted by a crash is retried by Ray on the restarted actor (`max_task_retries`); an actor
 that dies for good (its restarts spent) fails only the users of its chunks, with the reason. Once
 a user fails because a server stayed unreachable past the outage deadline, no chunk is started:
@@ -9,23 +11,25 @@ the chunks waiting are reported not started, for a re-run to finish.
 from __future__ import annotations
 
 import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
 from prefixfleet.pipelines.training.actor import TrainerActor
 from prefixfleet.pipelines.training.errors import JobError
+from prefixfleet.pipelines.training.ingest import users_in
 from prefixfleet.pipelines.training.outcome import Outcome
-from prefixfleet.pipelines.training.plan import JobContext, UserTask
-from prefixfleet.registry import RegistryAddress
+from prefixfleet.pipelines.training.plan import JobContext
+from prefixfleet.pipelines.training.tally import Tally
+from prefixfleet.registry import RegistryAddress, UserKey
 
 QUEUED_PER_ACTOR = 2
 POLL_SECONDS = 1.0
 ACTOR_NAME = "prefixfleet-trainer"
 
-Progress = Callable[[Sequence[Outcome], int], None]  # (finished outcomes, users done in running chunks)
+Progress = Callable[[Tally, int], None]  # (the outcomes so far, users done in running chunks)
 
 
 def actor_count(users: int, cpus: float, gpus: float) -> int:
@@ -37,19 +41,37 @@ def actor_count(users: int, cpus: float, gpus: float) -> int:
     return max(1, min([*fits, users]))
 
 
-def split(tasks: Sequence[UserTask], actors: int, pack_size: int, isolated: bool) -> list[list[UserTask]]:
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of an ingested block: one actor call."""
+
+    block: ray.ObjectRef
+    start: int
+    stop: int
+
+    def keys(self) -> list[UserKey]:
+        """Its users' keys (fetching the block here: only when the chunk never ran)."""
+        return [user.key for user in users_in(ray.get(self.block), self.start, self.stop)]
+
+
+def chunks(blocks: Iterable[tuple[ray.ObjectRef, int]], users: int, actors: int, pack_size: int,
+           isolated: bool) -> Iterator[Chunk]:
     """Chunks of users, one actor call each. Isolated: one user per call. Packed: guided
     scheduling — a few packs per call while much is left, smaller calls towards the end so all
-    actors finish together — and never fewer chunks than actors while users are left."""
-    if isolated:
-        return [[task] for task in tasks]
-    chunks, start = [], 0
-    while start < len(tasks):
-        left = len(tasks) - start
-        size = min(4 * pack_size, max(min(pack_size, -(-left // actors)), -(-left // (2 * actors))))
-        chunks.append(list(tasks[start:start + size]))
-        start += size
-    return chunks
+    actors finish together — and never fewer chunks than actors while users are left. A chunk
+    never spans two blocks (`users`: how many there are in all, to size the chunks)."""
+    left = users
+    for block, rows in blocks:
+        start = 0
+        while start < rows:
+            if isolated:
+                size = 1
+            else:
+                size = min(4 * pack_size, max(min(pack_size, -(-left // actors)), -(-left // (2 * actors))))
+            size = max(1, min(size, rows - start))
+            yield Chunk(block, start, start + size)
+            start += size
+            left = max(1, left - size)
 
 
 def _short(exc: BaseException) -> str:
@@ -95,43 +117,44 @@ class Fleet:
         if not all(ray.get([self.actors[i].unchanged.remote() for i in self.alive])):
             raise JobError("the backbone's weights changed during the job")
 
-    def run(self, chunks: Sequence[list[UserTask]], context: JobContext, progress: Progress) -> list[Outcome]:
-        """Train every chunk; one outcome per task."""
-        waiting = deque(chunks)
-        running: dict[ray.ObjectRef, tuple[int, list[UserTask]]] = {}
+    def run(self, work: Iterator[Chunk], context: JobContext, tally: Tally, progress: Progress) -> None:
+        """Train every chunk of `work` (taken as actors free up), each outcome into `tally`."""
+        waiting = iter(work)
+        running: dict[ray.ObjectRef, tuple[int, Chunk]] = {}
         queued = [0] * len(self.actors)
-        outcomes: list[Outcome] = []
-        down: Outcome | None = None  # the first user failed by a server past the outage deadline
-        while waiting or running:
-            if down is not None:
-                outcomes += [Outcome.not_started(t.key, down.unavailable_reason) for chunk in waiting for t in chunk]
-                waiting.clear()
-            while waiting and (free := [i for i in self.alive if queued[i] < QUEUED_PER_ACTOR]):
+        while True:
+            stop = "" if self.alive else "no trainer actor is left"
+            if tally.down is not None:
+                stop = tally.down.unavailable_reason
+            while not stop and (free := [i for i in self.alive if queued[i] < QUEUED_PER_ACTOR]):
+                chunk = next(waiting, None)
+                if chunk is None:
+                    break
                 index = min(free, key=queued.__getitem__)
-                chunk = waiting.popleft()
-                running[self.actors[index].train.remote(chunk, context)] = (index, chunk)
+                running[self.actors[index].train.remote(chunk.block, chunk.start, chunk.stop, context)] = (index, chunk)
                 queued[index] += 1
-            if not self.alive:
-                outcomes += [Outcome.failed(t.key, "no trainer actor is left") for chunk in waiting for t in chunk]
-                waiting.clear()
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS) if running else ([], [])
+            if stop:
+                make = Outcome.not_started if tally.down is not None else Outcome.failed
+                for chunk in waiting:
+                    tally.add(make(key, stop) for key in chunk.keys())
+            if not running:
+                return
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
                 index, chunk = running.pop(ref)
                 queued[index] -= 1
-                finished = self._collect(ref, index, chunk)
-                outcomes += finished
-                down = down or next((o for o in finished if o.unavailable), None)
-            progress(outcomes, self._in_progress({i for i, _ in running.values()}))
-        return outcomes
+                tally.add(self._collect(ref, index, chunk))
+            progress(tally, self._in_progress({i for i, _ in running.values()}))
 
-    def _collect(self, ref: ray.ObjectRef, index: int, chunk: list[UserTask]) -> list[Outcome]:
+    def _collect(self, ref: ray.ObjectRef, index: int, chunk: Chunk) -> list[Outcome]:
         try:
             return ray.get(ref)
         except RayActorError as exc:
             self.alive.discard(index)
-            return [Outcome.failed(t.key, f"trainer actor died and was not restarted: {_short(exc)}") for t in chunk]
+            return [Outcome.failed(key, f"trainer actor died and was not restarted: {_short(exc)}")
+                    for key in chunk.keys()]
         except RayError as exc:
-            return [Outcome.failed(t.key, f"chunk failed: {_short(exc)}") for t in chunk]
+            return [Outcome.failed(key, f"chunk failed: {_short(exc)}") for key in chunk.keys()]
 
     def _in_progress(self, busy: set[int]) -> int:
         """Users finished inside chunks still running (actors that do not answer at once count 0)."""

@@ -1,8 +1,10 @@
-"""One training job end to end: read and validate the data, start trainer actors, plan (skip what
-is published), train on Ray, and record the job as an MLflow run."""
+"""One training job end to end: read, validate and group the data on Ray Data, start trainer
+actors, let them plan (skip what is published) and train chunk by chunk, and record the job as an
+MLflow run. The driver holds block references and counts, never the users' data."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from prefixfleet.pipelines.cluster import actor_env, connect_ray
-from prefixfleet.pipelines.training.data import DataError, TrainingData, read_data
+from prefixfleet.pipelines.training.data import DataError
 from prefixfleet.pipelines.training.errors import JobError
-from prefixfleet.pipelines.training.fleet import Fleet, actor_count, split
+from prefixfleet.pipelines.training.fleet import Fleet, actor_count, chunks
+from prefixfleet.pipelines.training.ingest import Ingested, blocks, ingest
 from prefixfleet.pipelines.training.outcome import Outcome
-from prefixfleet.pipelines.training.plan import JobContext, Plan, plan_train
+from prefixfleet.pipelines.training.plan import JobContext
 from prefixfleet.pipelines.training.progress import JobProgress
 from prefixfleet.pipelines.training.published import config_params
-from prefixfleet.pipelines.training.retrain import plan_retrain
+from prefixfleet.pipelines.training.tally import Tally, listed
 from prefixfleet.pipelines.training.tracking import JobRun
 from prefixfleet.registry import Registry, Unavailable, UserKey
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
@@ -28,7 +31,7 @@ MODES = ("packed", "isolated")
 
 @dataclass
 class JobRequest:
-    data: str
+    data: Any  # a path or s3:// URI (file or folder), a `save_to_disk` folder, or a datasets.Dataset
     backbone: str
     kind: str = "train"  # "train" | "retrain"
     namespace: str = "default"
@@ -42,70 +45,83 @@ class JobRequest:
     actor_cpus: float = 1.0
     actor_gpus: float = 0.0
     progress: bool | None = None  # live bar; None: when stderr is a terminal
+    per_user_out: Path | None = None  # every per-user row as JSONL (users by id)
 
 
 @dataclass
 class JobSummary:
+    """What a job did. `outcomes` holds the first tally.KEPT users' outcomes; the others are counted
+    (every one is in the run's per_user.parquet and in --per-user-out)."""
+
     job_id: str
     kind: str
-    data: TrainingData
-    plan: Plan
+    data: Ingested
+    counts: dict[str, int]
     outcomes: list[Outcome]
+    listed: int  # users of per_user, kept or not
+    mean_losses: dict[str, float]
     elapsed_s: float
 
+    @classmethod
+    def of(cls, job_id: str, kind: str, data: Ingested, tally: Tally, elapsed_s: float) -> JobSummary:
+        return cls(job_id, kind, data, dict(tally.counts), list(tally.kept), tally.listed, tally.mean_losses(),
+                   elapsed_s)
+
     def count(self, status: str) -> int:
-        return sum(o.status == status for o in self.outcomes)
+        return self.counts.get(status, 0)
 
     @property
     def users(self) -> dict[str, int]:
-        return {"read": len(self.data.users), "trained": self.count("trained"),
-                "skipped": len(self.plan.skipped) + self.count("skipped"),
-                "failed": len(self.plan.failed) + self.count("failed"),
-                "promoted": sum(o.promoted for o in self.outcomes)}
+        return {"read": self.data.user_count, "trained": self.count("trained"), "skipped": self.count("skipped"),
+                "failed": self.count("failed"), "promoted": self.count("promoted")}
 
     @property
     def per_user(self) -> list[Outcome]:
         """Trained, failed and promoted users (the other skipped ones are only counted)."""
-        planned = [Outcome.failed(f.key, f.reason) for f in self.plan.failed]
-        return [o for o in self.outcomes if o.status != "skipped" or o.promoted] + planned
+        return [o for o in self.outcomes if listed(o)]
+
+    @property
+    def truncated(self) -> bool:
+        return self.listed > len(self.per_user)
 
     def metrics(self) -> dict[str, float]:
-        trained = [o for o in self.outcomes if o.status == "trained" and o.eval_loss is not None]
         out = {f"users_{k}": float(v) for k, v in self.users.items()}
-        out.update(rows_read=self.data.rows_read, rows_skipped=len(self.data.bad_rows), elapsed_s=self.elapsed_s,
-                   users_per_minute=60 * len(self.outcomes) / max(self.elapsed_s, 1e-9))
-        if trained:
-            out["mean_eval_loss"] = sum(o.eval_loss for o in trained) / len(trained)
-            out["mean_baseline_eval_loss"] = sum(o.baseline_eval_loss for o in trained) / len(trained)
+        trained_or_failed = self.count("trained") + self.count("failed")
+        out.update(rows_read=self.data.rows_read, rows_skipped=self.data.bad_count, elapsed_s=self.elapsed_s,
+                   users_per_minute=60 * trained_or_failed / max(self.elapsed_s, 1e-9), **self.mean_losses)
         return out
 
     def to_json(self, pseudonym: Callable[[UserKey], str] | None = None) -> dict[str, Any]:
-        """The summary; with `pseudonym`, as the job run stores it: no user id in it."""
+        """The summary; with `pseudonym`, as the job run stores it: no user id in it. `per_user`
+        is left empty when the kept outcomes do not hold every one of its users."""
+        shown = [] if self.truncated else self.per_user
         return {
             "job_id": self.job_id, "kind": self.kind,
-            "rows": {"read": self.data.rows_read, "skipped": len(self.data.bad_rows), "used": self.data.rows_used},
+            "rows": {"read": self.data.rows_read, "skipped": self.data.bad_count, "used": self.data.rows_used},
             "users": self.users,
-            "per_user": [o.to_record(pseudonym(o.key)) if pseudonym else o.to_json() for o in self.per_user],
+            "per_user": [o.to_record(pseudonym(o.key)) if pseudonym else o.to_json() for o in shown],
+            "per_user_rows": self.listed, "per_user_truncated": self.truncated,
             "bad_rows": [str(b) for b in self.data.bad_rows],
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
     def describe(self) -> str:
         u = self.users
-        return (f"read {self.data.rows_read} rows for {u['read']} users ({len(self.data.bad_rows)} bad rows skipped); "
+        return (f"read {self.data.rows_read} rows for {u['read']} users ({self.data.bad_count} bad rows skipped); "
                 f"trained {u['trained']}, skipped {u['skipped']}, failed {u['failed']}; promoted {u['promoted']}")
 
 
-def load_data(request: JobRequest) -> TrainingData:
-    """Read and validate; refuse bad rows unless told to skip them."""
-    data = read_data(request.data, request.namespace)
-    bad = data.bad_rows
-    if bad and not request.skip_bad_rows:
-        raise DataError(f"{len(bad)} bad row(s) in {request.data}, nothing trained (first: {bad[0]}); "
-                        "fix them or pass --skip-bad-rows", bad)
-    for row in bad:
+def load_data(request: JobRequest) -> Ingested:
+    """Read, validate and group on Ray; refuse bad rows unless told to skip them."""
+    data = ingest(request.data, request.namespace)
+    if data.bad_count and not request.skip_bad_rows:
+        raise DataError(f"{data.bad_count} bad row(s) in {request.data}, nothing trained (first: {data.bad_rows[0]}); "
+                        "fix them or pass --skip-bad-rows", data.bad_rows, data.bad_count)
+    for row in data.bad_rows:
         log.warning("skipping bad row %s", row)
-    log.info("read %d rows for %d users from %d file(s)", data.rows_read, len(data.users), len(data.files))
+    if data.bad_count > len(data.bad_rows):
+        log.warning("… and %d more bad rows", data.bad_count - len(data.bad_rows))
+    log.info("read %d rows for %d users from %d source(s)", data.rows_read, data.user_count, len(data.files))
     return data
 
 
@@ -129,53 +145,53 @@ def start_fleet(request: JobRequest, registry: Registry, users: int) -> Fleet:
 def run_job(request: JobRequest, registry: Registry, home: Path, fleet: Fleet | None = None) -> JobSummary:
     """Train every user the plan keeps; raises JobError (or DataError) when the job cannot run.
 
-    `fleet`: trainer actors already running for this backbone and registry (kept running after);
-    without it the job starts its own and stops them at the end.
+    `fleet`: trainer actors already running for this backbone and registry (kept running after;
+    they must leave a CPU free for reading the data); without it the job starts its own once the
+    data is read, and stops them at the end.
     """
     if request.mode not in MODES:
         raise JobError(f"unknown mode {request.mode!r}; expected packed or isolated")
     started = time.monotonic()
+    connect_ray(request.address)
     data = load_data(request)
     if fleet is not None:
         return _run(request, registry, home, data, fleet, started)
-    with start_fleet(request, registry, len(data.users)) as own:
+    with start_fleet(request, registry, data.user_count) as own:
         return _run(request, registry, home, data, own, started)
 
 
-def _run(request: JobRequest, registry: Registry, home: Path, data: TrainingData, fleet: Fleet,
+def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fleet: Fleet,
          started: float) -> JobSummary:
     if (fleet.backbone, fleet.registry) != (backbone_id(request.backbone), registry.address):
         raise JobError("the trainer actors were started for another backbone or registry")
     fingerprint = fleet.fingerprint()
     isolated = request.mode == "isolated"
     pack_size = 1 if isolated else request.pack_size
-    planner = plan_retrain if request.kind == "retrain" else plan_train
     try:
-        erasures = registry.erasure_snapshot({key.namespace for key in data.users})  # the job's start
-        plan = planner(data, registry, request.spec, request.config, fingerprint)
+        erasures = registry.erasure_snapshot(data.namespaces)  # the job's start
     except Unavailable as exc:
-        raise JobError(f"cannot plan the job: {exc}") from exc
-    log.info("plan: %d to train, %d skipped, %d failed", len(plan.tasks), len(plan.skipped), len(plan.failed))
+        raise JobError(f"cannot start the job: {exc}") from exc
     run = JobRun(registry.tracking_uri, home)
     run_id = run.start(request.kind, {
-        "data": request.data, "backbone": fleet.backbone, "backbone_fingerprint": fingerprint,
+        "data": str(request.data), "backbone": fleet.backbone, "backbone_fingerprint": fingerprint,
         "mode": request.mode, "pack_size": pack_size, "actors": len(fleet.actors), "namespace": request.namespace,
         "spec": request.spec.to_json(), **config_params(request.config),
     })
     try:
-        context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size, erasures)
-        chunks = split(plan.tasks, len(fleet.actors), pack_size, isolated)
-        with JobProgress(len(plan.tasks), len(plan.skipped), live=request.progress) as progress:
-            outcomes = fleet.run(chunks, context, progress)
-        fleet.check_unchanged()
-        order = {task.key: i for i, task in enumerate(plan.tasks)}
-        outcomes.sort(key=lambda o: order[o.key])
-        summary = JobSummary(run_id, request.kind, data, plan, outcomes, time.monotonic() - started)
-        if down := [o for o in outcomes if o.unavailable]:
-            raise JobError(f"stopped: {down[0].unavailable_reason}. "
-                           f"{summary.count('trained')} users were trained and published before; "
-                           f"run the same command again to finish the other {len(down)}")
-        run.finish(summary.metrics(), outcomes, summary.to_json(registry.pseudonym), registry.pseudonym)
+        context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size, request.spec, erasures)
+        work = chunks(blocks(data.users), data.user_count, len(fleet.actors), pack_size, isolated)
+        with tempfile.TemporaryDirectory() as folder, \
+                Tally(registry.pseudonym, Path(folder) / "per_user.parquet", request.per_user_out) as tally:
+            with JobProgress(data.user_count, live=request.progress) as progress:
+                fleet.run(work, context, tally, progress)
+            fleet.check_unchanged()
+            tally.close()
+            summary = JobSummary.of(run_id, request.kind, data, tally, time.monotonic() - started)
+            if tally.down is not None:
+                raise JobError(f"stopped: {tally.down.unavailable_reason}. "
+                               f"{summary.count('trained')} users were trained and published before; "
+                               f"run the same command again to finish the other {tally.counts['unavailable']}")
+            run.finish(summary.metrics(), tally, summary.to_json(registry.pseudonym))
     except BaseException as exc:
         run.fail(f"{type(exc).__name__}: {exc}")
         raise

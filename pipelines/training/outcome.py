@@ -5,6 +5,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from prefixfleet.pipelines.training.plan import Failure, Skip
 from prefixfleet.registry import Forgotten, Unavailable, UserKey
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
@@ -41,6 +42,13 @@ class Outcome:
         if isinstance(exc, Forgotten):  # the job did what it must; only a later job may train the user
             return cls(key=key, status="skipped", reason=FORGOTTEN)
         return cls.failed(key, reason_of(exc), unavailable=isinstance(exc, Unavailable))
+
+    @classmethod
+    def planned(cls, decision: Skip | Failure) -> Outcome:
+        """A user the plan did not send to training."""
+        if isinstance(decision, Skip):
+            return cls(key=decision.key, status="skipped", version=decision.version, reason=decision.reason)
+        return cls.failed(decision.key, decision.reason)
 
     @classmethod
     def not_started(cls, key: UserKey, why: str) -> Outcome:

@@ -1,19 +1,20 @@
-"""Which users a job trains: a user already published from this data, spec, training settings and
-backbone is not trained again, so running the same job twice publishes nothing the second time.
-Such a version that never reached production goes to the actors only to finish its gate (its job
-may have stopped between publish and promote)."""
+"""Which users a job trains, decided in the trainer actor just before training them: a user
+already published from this data, spec, training settings and backbone is not trained again, so
+running the same job twice publishes nothing the second time. Such a version that never reached
+production (or reached it in this very job, before a crash) goes to its gate again instead of
+training. A nightly retrain (`kind="retrain"`) also skips users whose data is unchanged since
+production, and warm-starts the others from production with production's spec."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from prefixfleet.pipelines.training.data import TrainingData, UserData
+from prefixfleet.pipelines.training.data import UserData
 from prefixfleet.pipelines.training.published import PublishedLookup
-from prefixfleet.registry import ErasureSnapshot, Registry, Unavailable, UserKey, VersionRef
+from prefixfleet.registry import ErasureSnapshot, NotFound, Registry, Unavailable, UserKey, VersionRef
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.registry.refs import PRODUCTION
 from prefixfleet.workers.data import Example
+from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 
@@ -42,6 +43,7 @@ class JobContext:
     backbone: str  # id or path, recorded in each artifact
     config: TrainConfig
     pack_size: int
+    spec: PrefixSpec  # for users without a production prefix to follow (retrain) or for all (train)
     erasures: ErasureSnapshot | None = None  # forgets known at the job's start; None: each publish's
 
 
@@ -58,66 +60,60 @@ class Failure:
     reason: str
 
 
-@dataclass
-class Plan:
-    tasks: list[UserTask] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    failed: list[Failure] = field(default_factory=list)
-
-    def add(self, item: UserTask | Skip | Failure) -> None:
-        if isinstance(item, UserTask):
-            self.tasks.append(item)
-        elif isinstance(item, Skip):
-            self.skipped.append(item)
-        else:
-            self.failed.append(item)
+def task_for(user: UserData, spec: PrefixSpec, *, warm_start: int | None = None, reason: str = "new data",
+             existing: int | None = None) -> UserTask:
+    return UserTask(user.key, tuple(user.train), tuple(user.eval), user.fingerprint, spec, warm_start, reason, existing)
 
 
-Decide = Callable[[UserData, str], "UserTask | Skip | Failure"]
+class Planner:
+    """`decide` for the users of one trainer; thread-safe."""
 
+    def __init__(self, registry: Registry, backbone_fingerprint: str) -> None:
+        self.registry, self.fingerprint = registry, backbone_fingerprint
+        self.published = PublishedLookup(registry, backbone_fingerprint)
 
-def task_for(user: UserData, fingerprint: str, spec: PrefixSpec, *, warm_start: int | None = None,
-             reason: str = "new data", existing: int | None = None) -> UserTask:
-    return UserTask(user.key, tuple(user.train), tuple(user.eval), fingerprint, spec, warm_start, reason, existing)
-
-
-def already_trained(user: UserData, fingerprint: str, spec: PrefixSpec, found: VersionRef) -> UserTask | Skip:
-    """A user whose result is published as `found`: skipped once in production, else its gate is
-    finished by an actor."""
-    if PRODUCTION in found.aliases:
-        return Skip(user.key, f"already published as version {found.version} (production)", found.version)
-    return task_for(user, fingerprint, spec, reason=f"finish the gate of version {found.version}",
-                    existing=found.version)
-
-
-def build_plan(data: TrainingData, decide: Decide, threads: int = 16) -> Plan:
-    """Apply `decide(user, data fingerprint)` to every user (registry look-ups run concurrently)."""
-    def one(user: UserData) -> UserTask | Skip | Failure:
+    def decide(self, user: UserData, context: JobContext) -> UserTask | Skip | Failure:
+        """Raises Unavailable when a server stays unreachable; other registry errors fail the user."""
         if not user.train:
             return Failure(user.key, f"no training rows ({len(user.eval)} rows, all split 'eval')")
         try:
-            return decide(user, user.fingerprint)
+            if context.kind == "retrain":
+                return self._retrain(user, context)
+            return self._trained(user, context.spec, context) or task_for(user, context.spec)
         except Unavailable:
-            raise  # the job cannot be planned; JobError says so
+            raise
         except RegistryError as exc:
             return Failure(user.key, f"registry: {exc}")
 
-    plan = Plan()
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for item in pool.map(one, data.users.values()):
-            plan.add(item)
-    return plan
+    def _trained(self, user: UserData, spec: PrefixSpec, context: JobContext) -> UserTask | Skip | None:
+        """None, or what to do with the version published from exactly this task: skipped once in
+        production by an earlier job, else its gate is finished by the actor."""
+        found = self.published.find(user.key, user.fingerprint, spec, context.config)
+        if found is None:
+            return None
+        if PRODUCTION in found.aliases and found.run_id != context.run_id:
+            return Skip(user.key, f"already published as version {found.version} (production)", found.version)
+        return task_for(user, spec, reason=f"finish the gate of version {found.version}", existing=found.version)
 
-
-def plan_train(data: TrainingData, registry: Registry, spec: PrefixSpec, config: TrainConfig,
-               backbone_fingerprint: str) -> Plan:
-    """Every user whose data, with this spec and these settings on this backbone, is not published yet."""
-    published = PublishedLookup(registry, backbone_fingerprint)
-
-    def decide(user: UserData, fingerprint: str) -> UserTask | Skip:
-        found = published.find(user.key, fingerprint, spec, config)
-        if found is not None:
-            return already_trained(user, fingerprint, spec, found)
-        return task_for(user, fingerprint, spec)
-
-    return build_plan(data, decide, registry.max_workers)
+    def _retrain(self, user: UserData, context: JobContext) -> UserTask | Skip | Failure:
+        """Users whose data is unchanged since production are skipped whatever the settings."""
+        key = user.key
+        try:  # plan on what production is now, not on a cached resolution
+            production: VersionRef | None = self.registry.resolve(key, "production", fresh=True)
+        except NotFound:
+            production = None
+        if production is not None and production.backbone_fingerprint == self.fingerprint \
+                and production.data_fingerprint == user.fingerprint and production.run_id != context.run_id:
+            return Skip(key, f"data unchanged since production version {production.version}", production.version)
+        if production is None:
+            spec, warm, reason = context.spec, None, "no production prefix yet"
+        else:
+            try:
+                spec = PrefixSpec.from_dict(production.spec)
+            except WorkerError as exc:
+                return Failure(key, f"production version {production.version}: {exc}")
+            if production.backbone_fingerprint == self.fingerprint:
+                warm, reason = production.version, f"data changed since production version {production.version}"
+            else:
+                warm, reason = None, f"production version {production.version} was trained on another backbone"
+        return self._trained(user, spec, context) or task_for(user, spec, warm_start=warm, reason=reason)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.pipelines.training.tally import Tally
 
 log = logging.getLogger("prefixfleet")
 LOG_EVERY_S = 5.0
@@ -20,10 +19,10 @@ def _eta(seconds: float) -> str:
 
 
 class JobProgress:
-    """Users done / skipped / failed, users per second and ETA for `total` users to train."""
+    """Users done (of `total`) / skipped / failed, users per second and ETA."""
 
-    def __init__(self, total: int, skipped: int, *, live: bool | None = None) -> None:
-        self.total, self.skipped = total, skipped
+    def __init__(self, total: int, *, live: bool | None = None) -> None:
+        self.total = total
         console = Console(stderr=True)
         self.live = console.is_terminal if live is None else live
         self.started = self.last_log = time.monotonic()
@@ -33,7 +32,7 @@ class JobProgress:
             TextColumn("skipped {task.fields[skipped]} · failed {task.fields[failed]} · {task.fields[rate]} users/s"),
             TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not self.live,
         )
-        self.task = self.bar.add_task("training", total=total, skipped=skipped, failed=0, rate="0.0")
+        self.task = self.bar.add_task("training", total=total, skipped=0, failed=0, rate="0.0")
 
     def __enter__(self) -> JobProgress:
         self.bar.start()
@@ -42,16 +41,16 @@ class JobProgress:
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()
 
-    def __call__(self, outcomes: Sequence[Outcome], running_done: int) -> None:
-        failed = sum(o.status == "failed" for o in outcomes)
-        done = min(self.total, len(outcomes) + running_done)
+    def __call__(self, tally: Tally, running_done: int) -> None:
+        failed, skipped = tally.counts["failed"], tally.counts["skipped"]
+        done = min(self.total, tally.total + running_done)
         elapsed = max(1e-9, time.monotonic() - self.started)
         rate = done / elapsed
-        self.bar.update(self.task, completed=done, failed=failed, rate=f"{rate:.1f}")
+        self.bar.update(self.task, completed=done, skipped=skipped, failed=failed, rate=f"{rate:.1f}")
         now = time.monotonic()
         finished = done == self.total and done != self.logged_done
         if not self.live and (now - self.last_log >= LOG_EVERY_S or finished):
             self.last_log, self.logged_done = now, done
             eta = _eta((self.total - done) / rate) if rate > 0 else "?"
             log.info("%d/%d users done · skipped %d · failed %d · %.2f users/s · ETA %s",
-                     done, self.total, self.skipped, failed, rate, eta)
+                     done, self.total, skipped, failed, rate, eta)

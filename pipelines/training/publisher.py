@@ -45,16 +45,15 @@ class Publisher:
     def close(self) -> None:
         self.registry.close()
 
-    def existing(self, task: UserTask, context: JobContext) -> VersionRef | None:
-        """The version the plan found for this task, or one this job published before a crash.
-        Forgotten when the user was forgotten after the job started: it is not trained."""
-        if context.erasures is not None and self.registry.forgotten_since(task.key, context.erasures):
-            raise Forgotten(f"{task.key} was forgotten after this job started")
-        if task.existing is not None:
-            return self.registry.resolve(task.key, version=task.existing)
-        return self.registry.find(task.key, data_fingerprint=task.data_fingerprint, spec=task.spec.to_json(),
-                                  backbone_fingerprint=self.fingerprint,
-                                  settings=context.config.settings_json(task.spec.method))
+    def check_not_forgotten(self, key: UserKey, context: JobContext) -> None:
+        """Forgotten when the user was forgotten after the job started: it is not trained."""
+        if context.erasures is not None and self.registry.forgotten_since(key, context.erasures):
+            raise Forgotten(f"{key} was forgotten after this job started")
+
+    def existing(self, task: UserTask) -> VersionRef | None:
+        """The version the plan found already trained from this task (by an earlier job, or this
+        one before a crash)."""
+        return None if task.existing is None else self.registry.resolve(task.key, version=task.existing)
 
     def warm_start(self, task: UserTask) -> PrefixTensors | None:
         if task.warm_start is None:

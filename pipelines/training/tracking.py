@@ -1,12 +1,13 @@
 """Each job is one MLflow run in the registry's tracking store: parameters, aggregate metrics, the
-mean training-loss curve, a per-user metrics table and a loss-curve plot. What a run stores names
+mean training-loss curve, the per-user table (`per_user.parquet`, every user; `per_user.json`, the
+first ones, which the MLflow UI shows as a table) and a loss-curve plot. What a run stores names
 users only by pseudonym (Registry.pseudonym), so a `forget` leaves nothing of them in job runs."""
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
-from prefixfleet.pipelines.training.outcome import Outcome
-from prefixfleet.registry import UserKey
+from prefixfleet.pipelines.training.tally import Tally
 
 log = logging.getLogger("prefixfleet")
 EXPERIMENT = "prefixfleet-jobs"
 PLOTTED_USERS = 20
 
 
-def loss_plot(outcomes: Sequence[Outcome]) -> Figure | None:
+def loss_plot(curves: Sequence[list[float]]) -> Figure | None:
     """Median and 10–90th percentile band of the users' training loss, plus a few users."""
-    curves = [o.loss_curve for o in outcomes if o.loss_curve]
     if not curves:
         return None
     length = max(len(c) for c in curves)
@@ -71,22 +70,18 @@ class JobRun:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         return self.run_id
 
-    def finish(self, metrics: dict[str, float], outcomes: Sequence[Outcome], summary: dict[str, Any],
-               pseudonym: Callable[[UserKey], str]) -> None:
-        """Metrics, the per-user table (users by `pseudonym` only), the loss plot and `summary`."""
+    def finish(self, metrics: dict[str, float], tally: Tally, summary: dict[str, Any]) -> None:
+        """Metrics, the per-user table (users by pseudonym only), the loss plot and `summary`."""
         now = int(time.time() * 1000)
         logged = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        curves = [o.loss_curve for o in outcomes if o.loss_curve]
-        if curves:
-            length = min(len(c) for c in curves)
-            mean = np.mean([c[:length] for c in curves], axis=0)
-            logged += [Metric("train_loss_mean", float(v), now, step) for step, v in enumerate(mean, 1)]
+        logged += [Metric("train_loss_mean", float(v), now, step) for step, v in enumerate(tally.mean_curve, 1)]
         for start in range(0, len(logged), 1000):
             self.client.log_batch(self.run_id, metrics=logged[start:start + 1000])
-        rows = [o.to_record(pseudonym(o.key)) for o in outcomes]
+        self.client.log_artifact(self.run_id, str(tally.table_path))
+        rows = [o.to_record(tally.pseudonym(o.key)) for o in tally.kept]
         if rows:
             self.client.log_table(self.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "per_user.json")
-        if (figure := loss_plot(outcomes)) is not None:
+        if (figure := loss_plot(tally.curves)) is not None:
             self.client.log_figure(self.run_id, figure, "loss_curves.png")
         self.client.log_dict(self.run_id, summary, "summary.json")
         self._terminate(RunStatus.FINISHED)

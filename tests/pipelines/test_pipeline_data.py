@@ -1,5 +1,7 @@
-"""Reading training data: every bad row named by file and line (or Parquet row), grouping by
-(namespace, user), the split column, folders, and s3:// through a real S3-compatible server."""
+"""Reading training data through the job's Ray Data ingest: every bad row named by file and line
+(or Parquet or dataset row), grouping by (namespace, user), the split column, folders, Hugging Face
+datasets (a `save_to_disk` folder and a `datasets.Dataset`), and s3:// through a real
+S3-compatible server."""
 from __future__ import annotations
 
 import json
@@ -10,11 +12,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefixfleet.pipelines.training.data import DataError, UserData, read_data
+from prefixfleet.pipelines.training.data import DataError, UserData
 from prefixfleet.registry import UserKey
 from prefixfleet.workers.data import Example
+from tests.fixtures.reading import Read, ingest_all
+
+pytestmark = pytest.mark.ray
 
 GOOD = {"user_id": "ann", "prompt": "order 2 mugs\n", "completion": "Hi Ann - 2 mugs. Thanks!"}
+
+
+def read_data(source: object, default_namespace: str = "default") -> Read:
+    _, read = ingest_all(source, default_namespace)
+    return read
+
+
+@pytest.fixture(autouse=True)
+def _ray(local_ray: None) -> None:
+    """Every test here reads through Ray Data."""
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -51,7 +66,7 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path: Path) -> None:
     assert "control" in where["10"]
     assert "namespace" in where["11"].lower()
     assert "'user_id' must be a string" in where["12"]
-    assert data.rows_read == 11 and data.rows_used == 1
+    assert data.rows_read == 11 and data.rows_read - len(data.bad_rows) == 1
     assert list(data.users) == [UserKey("default", "ann")]
 
 
@@ -63,7 +78,7 @@ def test_rows_group_by_namespace_and_user_and_honour_split(tmp_path: Path) -> No
         json.dumps({"user_id": "bob", "text": "plain text example", "split": "train"}),
     ])
     data = read_data(str(path), default_namespace="shop")
-    assert list(data.users) == [UserKey("shop", "ann"), UserKey("acme", "ann"), UserKey("shop", "bob")]
+    assert set(data.users) == {UserKey("shop", "ann"), UserKey("acme", "ann"), UserKey("shop", "bob")}
     ann = data.users[UserKey("shop", "ann")]
     assert ann.key == UserKey("shop", "ann") and len(ann.train) == 1 and len(ann.eval) == 1
     assert data.users[UserKey("acme", "ann")].eval == []
@@ -89,8 +104,7 @@ def test_parquet_rows_and_folders(tmp_path: Path) -> None:
         f"{folder / 'part-0.parquet'}:row 2: missing field 'user_id'",
         f"{folder / 'part-0.parquet'}:row 3: `completion` must be a non-empty string next to `prompt`",
     ]
-    assert list(data.users) == [UserKey("default", "ann"), UserKey("default", "dan")]
-    assert len(data.files) == 2
+    assert set(data.users) == {UserKey("default", "ann"), UserKey("default", "dan")}
 
 
 def test_unreadable_inputs_are_one_line_errors(tmp_path: Path) -> None:
@@ -107,8 +121,51 @@ def test_reads_from_s3(s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.Mon
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     body = "\n".join([json.dumps(GOOD), json.dumps({"user_id": "bob"})]) + "\n"
     client.put_object(Bucket=s3_bucket, Key="pipeline-data/day1/part.jsonl", Body=body.encode())
-    data = read_data(f"s3://{s3_bucket}/pipeline-data/day1")
-    assert data.files == [f"s3://{s3_bucket}/pipeline-data/day1/part.jsonl"]
+    ingested, data = ingest_all(f"s3://{s3_bucket}/pipeline-data/day1")
+    assert ingested.files == [f"s3://{s3_bucket}/pipeline-data/day1/part.jsonl"]
     assert [str(b) for b in data.bad_rows] == [
         f"s3://{s3_bucket}/pipeline-data/day1/part.jsonl:2: missing field: need 'text', or 'prompt' and 'completion'"]
     assert list(data.users) == [UserKey("default", "ann")]
+
+
+def test_hugging_face_datasets_on_disk_and_in_memory(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{**GOOD, "split": None}, {**GOOD, "user_id": "bob", "split": "eval"}, {**GOOD, "user_id": None, "split": None},
+            {**GOOD, "user_id": "bob", "split": None}]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    for source, name in ((str(tmp_path / "saved"), str(tmp_path / "saved")), (dataset, "dataset")):
+        data = read_data(source)
+        assert [str(b) for b in data.bad_rows] == [f"{name}:row 3: missing field 'user_id'"]
+        assert data.rows_read == 4
+        bob = data.users[UserKey("default", "bob")]
+        assert (len(bob.train), len(bob.eval)) == (1, 1)
+    with pytest.raises(DataError, match="cannot read training data from a list"):
+        read_data(rows)
+
+
+def test_unreachable_s3_fails_in_seconds_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    started = time.monotonic()
+    with pytest.raises(DataError, match="cannot read s3://bucket/data") as error:
+        read_data("s3://bucket/data")
+    assert time.monotonic() - started < 10 and "\n" not in str(error.value)
+
+
+def test_users_stay_whole_across_many_buckets_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefixfleet.pipelines.training import ingest
+    from tests.fixtures.reading import parse
+
+    monkeypatch.setattr(ingest, "ROWS_PER_BUCKET", 20)  # about ten buckets
+    for part in range(3):
+        _write(tmp_path / f"part-{part}.jsonl",
+               [json.dumps({"user_id": f"u{user}", "text": f"row {part}.{row} of u{user}", "split": split})
+                for user in range(40) for row, split in enumerate(["train", "train", "eval"])])
+    data, read = ingest_all(str(tmp_path))
+    assert data.user_count == 40 and data.rows_read == 360
+    expected = parse(str(tmp_path)).users
+    for key, user in read.users.items():
+        assert (len(user.train), len(user.eval)) == (6, 3) and user.fingerprint == expected[key].fingerprint

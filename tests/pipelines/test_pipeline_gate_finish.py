@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from prefixfleet.pipelines.training.actor import UserTrainer
-from prefixfleet.pipelines.training.plan import JobContext, UserTask
+from prefixfleet.pipelines.training.data import UserData
+from prefixfleet.pipelines.training.plan import JobContext
 from prefixfleet.pipelines.training.publisher import GATED_AGAINST
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.artifact import ArtifactMeta, serialize
@@ -39,8 +40,9 @@ def publish(trainer: UserTrainer, tensors, *, data: str, metrics: dict, gated_ag
 
 
 def finish(trainer: UserTrainer, version: int):
-    task = UserTask(ALICE, EXAMPLES, (), data_fingerprint(EXAMPLES), SPEC, existing=version)
-    outcome, = trainer.train([task], JobContext("this-job", "train", "bb", CONFIG, 8))
+    """This job's trainer meets alice's data again: its plan finds `version`, published from it."""
+    outcome, = trainer.train_users([UserData(ALICE, list(EXAMPLES))], JobContext("this-job", "train", "bb", CONFIG, 8, SPEC))
+    assert outcome.version == version
     return outcome
 
 

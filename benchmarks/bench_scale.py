@@ -1,0 +1,135 @@
+"""Ingest at scale: read, validate and group N users × R rows, ours beside the path it replaced.
+
+- ours    `pipelines.training.ingest.ingest`: Ray Data read tasks parse and validate the rows, users
+          are grouped by hash bucket (`groupby("bucket").map_groups`) into Ray's object store;
+          the driver keeps counts and block references.
+- before  the in-driver reader the job used until now: every shard through the same row parser
+          (`data.read_shard`), users grouped into one dict of Python objects in the driver.
+
+Each side runs in a fresh process of its own, so the driver's peak RSS (ru_maxrss) is its own;
+Ray's worker processes are sampled apart (the largest sum of their RSS seen while it ran).
+
+    python benchmarks/bench_scale.py [--users 20000 100000] [--rows 20] [--files 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TEXT = "the quick brown fox jumps over the lazy dog, row {row} of user {user}"
+
+
+def write_data(folder: Path, users: int, rows: int, files: int) -> int:
+    """`users` × `rows` JSONL rows spread over `files` files, a user's rows in several of them."""
+    outs = [(folder / f"part-{i:03d}.jsonl").open("w") for i in range(files)]
+    size = 0
+    for row in range(rows):
+        for user in range(users):
+            line = json.dumps({"user_id": f"user-{user:07d}", "text": TEXT.format(row=row, user=user)}) + "\n"
+            outs[(user + row) % files].write(line)
+            size += len(line)
+    for out in outs:
+        out.close()
+    return size
+
+
+def _ray_workers_rss(stop: threading.Event, peak: list[int]) -> None:
+    import psutil
+
+    me = os.getpid()
+    while not stop.wait(0.5):
+        total = 0
+        for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] != me and ("ray::" in cmd or "default_worker.py" in cmd) and proc.info["memory_info"]:
+                total += proc.info["memory_info"].rss
+        peak[0] = max(peak[0], total)
+
+
+def run_side(side: str, folder: str) -> dict:
+    """One side, in this (fresh) process: wall time, users, rows and peak RSS."""
+    started = time.perf_counter()
+    peak, stop = [0], threading.Event()
+    if side == "ours":
+        import ray
+
+        from prefixfleet.pipelines.cluster import connect_ray
+        from prefixfleet.pipelines.training.ingest import ingest
+
+        connect_ray()
+        ray_started = time.perf_counter()
+        sampler = threading.Thread(target=_ray_workers_rss, args=(stop, peak), daemon=True)
+        sampler.start()
+        data = ingest(folder, "default")
+        users, rows = data.user_count, data.rows_read
+        stop.set()
+        elapsed = time.perf_counter() - ray_started
+        ray.shutdown()
+    else:
+        from prefixfleet.pipelines.training.data import BadRow, UserData, read_shard, shards
+
+        grouped: dict = {}
+        rows = 0
+        for shard in shards(folder):
+            for _, row in read_shard(shard, "default"):
+                rows += 1
+                if not isinstance(row, BadRow):
+                    grouped.setdefault(row.key, UserData(row.key)).train.append(row.example)
+        users = len(grouped)
+        elapsed = time.perf_counter() - started
+    return {"side": side, "users": users, "rows": rows, "seconds": round(elapsed, 1),
+            "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "ray_workers_peak_mb": peak[0] // 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, nargs="+", default=[20_000, 100_000])
+    parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        logging.disable(logging.WARNING)
+        print(json.dumps(run_side(args.side, args.folder)))
+        return
+    print(f"machine: {platform.machine()}, {multiprocessing.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"{args.rows} rows per user in {args.files} JSONL files", flush=True)
+    results = []
+    for users in args.users:
+        with tempfile.TemporaryDirectory() as folder:
+            size = write_data(Path(folder), users, args.rows, args.files)
+            for side in ("before", "ours"):
+                out = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder],
+                                     capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                assert (result["users"], result["rows"]) == (users, users * args.rows), result
+                result["mb"] = size // 2**20
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    print(f"\n{'users':>9} {'rows':>10} {'MB':>6} | {'before s':>9} {'driver MB':>10} | {'ours s':>7} "
+          f"{'driver MB':>10} {'Ray workers MB':>15} | {'driver ratio':>12}")
+    for before, ours in zip(results[::2], results[1::2], strict=True):
+        print(f"{ours['users']:>9,} {ours['rows']:>10,} {ours['mb']:>6} | {before['seconds']:>9} "
+              f"{before['driver_peak_mb']:>10} | {ours['seconds']:>7} {ours['driver_peak_mb']:>10} "
+              f"{ours['ray_workers_peak_mb']:>15} | {before['driver_peak_mb'] / ours['driver_peak_mb']:>11.1f}×")
+    ours = [r for r in results if r["side"] == "ours"]
+    if len(ours) > 1:
+        print(f"driver peak at {ours[-1]['users']:,} users / at {ours[0]['users']:,}: "
+              f"{ours[-1]['driver_peak_mb'] / ours[0]['driver_peak_mb']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
