@@ -151,7 +151,9 @@ def main() -> None:
     config = TrainConfig(steps=args.steps, batch_size=8)
     connect_ray(None)
     registry = Registry(f"sqlite:///{work / 'mlflow.db'}", (work / "store").as_uri())
-    request = JobRequest(str(data), backbone, config=config, pack_size=args.pack_size, progress=False)
+    # Half a logical CPU per actor: warm actors given to run_job must leave a CPU free for its Ray Data ingest.
+    request = JobRequest(str(data), backbone, config=config, pack_size=args.pack_size, progress=False,
+                         actors=os.cpu_count(), actor_cpus=0.5)
     results: dict[str, tuple[int, float]] = {}
     print(f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
 

@@ -4,7 +4,8 @@
           are grouped by hash bucket (`groupby("bucket").map_groups`) into Ray's object store;
           the driver keeps counts and block references.
 - before  the in-driver reader the job used until now: every shard through the same row parser
-          (`data.read_shard`), users grouped into one dict of Python objects in the driver.
+          (`data.read_shard`), users grouped into one dict of Python objects in the driver, and
+          each user's data fingerprint computed there (the old plan did it before training).
 
 Each side runs in a fresh process of its own, so the driver's peak RSS (ru_maxrss) is its own;
 Ray's worker processes are sampled apart (the largest sum of their RSS seen while it ran).
@@ -86,7 +87,8 @@ def run_side(side: str, folder: str) -> dict:
                 rows += 1
                 if not isinstance(row, BadRow):
                     grouped.setdefault(row.key, UserData(row.key)).train.append(row.example)
-        users = len(grouped)
+        fingerprints = [user.fingerprint for user in grouped.values()]
+        users = len(fingerprints)
         elapsed = time.perf_counter() - started
     return {"side": side, "users": users, "rows": rows, "seconds": round(elapsed, 1),
             "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefixfleet.registry import refs
 from prefixfleet.registry.cache import ContentCache, ResolutionCache
 from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog
-from prefixfleet.registry.erasure import ErasureSnapshot, Forgotten, Tombstones
+from prefixfleet.registry.erasure import ERASURE_DIR, ErasureSnapshot, Forgotten, Tombstones
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
 from prefixfleet.registry.home import home_dir
@@ -83,6 +83,13 @@ class Registry:
     @property
     def address(self) -> RegistryAddress:
         return RegistryAddress(self.tracking_uri, self.store_uri, self.s3_endpoint_url, self.prefix)
+
+    def check_reachable(self, namespace: str) -> None:
+        """One cheap read from MLflow and one from the object store (inside `namespace`, which
+        per-namespace credentials allow); Unavailable when either does not answer within the retry
+        deadline (see `retry.waiting_at_most`)."""
+        self.catalog.get_model(f"{self.prefix}-reachability-check")
+        next(self.store.list(f"{check_namespace(namespace)}/{ERASURE_DIR}/reachability-check"), None)
 
     def close(self) -> None:
         self._refresher.shutdown(wait=True)

@@ -4,14 +4,19 @@ jittered exponential backoff until it succeeds or its deadline passes: the outag
 `PREFIXFLEET_RETRY_DEADLINE_S` (30 s unless set; `train` and `retrain` set it from
 `--outage-deadline`). A server silent for a couple of seconds is logged once, its recovery too;
 past the deadline the operation raises `Unavailable`, naming the server and how long it tried.
+Inside `waiting_at_most(s)` a thread's operations give up after `s` seconds at most (a job's first
+contact with its servers: an unreachable one ends the job at once, not after the outage deadline).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +26,18 @@ T = TypeVar("T")
 log = logging.getLogger("prefixfleet.registry")
 DEADLINE_VAR = "PREFIXFLEET_RETRY_DEADLINE_S"
 NOTICE_S = 2.0  # a server silent this long gets a log line
+_cap = threading.local()
+
+
+@contextmanager
+def waiting_at_most(seconds: float) -> Iterator[None]:
+    """Operations this thread runs inside give up after `seconds` at most, whatever their policy."""
+    before = getattr(_cap, "seconds", math.inf)
+    _cap.seconds = min(before, seconds)
+    try:
+        yield
+    finally:
+        _cap.seconds = before
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class RetryPolicy:
             on_retry: Callable[[], None] | None = None) -> T:
         """`call()` until it succeeds, raises something not `transient`, or the deadline passes."""
         started = time.monotonic()
+        deadline = min(self.deadline_s, getattr(_cap, "seconds", math.inf))
         attempt, noticed = 0, False
         while True:
             try:
@@ -58,18 +76,18 @@ class RetryPolicy:
                 if not transient(exc):
                     raise
                 elapsed = time.monotonic() - started
-                if elapsed >= self.deadline_s:
+                if elapsed >= deadline:
                     log.warning("%s %s: giving up after %d attempts in %.1f s: %s", server, operation, attempt + 1,
                                 elapsed, exc)
                     raise Unavailable(f"{server} unreachable: {operation} failed {attempt + 1} times in {elapsed:.1f} s "
-                                      f"(outage deadline {self.deadline_s:g} s, {DEADLINE_VAR}): {exc}") from exc
+                                      f"(deadline {deadline:g} s, {DEADLINE_VAR}): {exc}") from exc
                 if not noticed and elapsed >= NOTICE_S:
                     noticed = True
                     log.warning("%s not answering for %.1f s (%s: %s); retrying for up to %g s", server, elapsed,
-                                operation, exc, self.deadline_s)
+                                operation, exc, deadline)
                 if on_retry is not None:
                     on_retry()
-                time.sleep(min(self.wait(attempt), self.deadline_s - elapsed))  # the last try at the deadline
+                time.sleep(min(self.wait(attempt), deadline - elapsed))  # the last try at the deadline
                 attempt += 1
                 continue
             if noticed:

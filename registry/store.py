@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from prefixfleet.registry.errors import Forbidden, RegistryError
@@ -165,6 +165,9 @@ class S3Store(ObjectStore):
         """`call` under the retry rule; a refusal of these credentials is Forbidden, naming the key."""
         try:
             return self.policy.run("S3", operation, call, _transient)
+        except NoCredentialsError as exc:
+            raise RegistryError(f"S3 {operation} of {self.uri_for(key)}: no credentials found (set AWS_ACCESS_KEY_ID "
+                                "and AWS_SECRET_ACCESS_KEY, a profile, or a role)") from exc
         except ClientError as exc:
             error = exc.response.get("Error", {})
             if error.get("Code") in _REFUSED_CODES:

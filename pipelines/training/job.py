@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixfleet.pipelines.cluster import actor_env, connect_ray
-from prefixfleet.pipelines.training.data import DataError
+from prefixfleet.pipelines.training.data import BadRow, DataError
 from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.pipelines.training.fleet import Fleet, actor_count, chunks
 from prefixfleet.pipelines.training.ingest import Ingested, blocks, ingest
@@ -23,10 +23,12 @@ from prefixfleet.pipelines.training.published import config_params
 from prefixfleet.pipelines.training.tally import Tally, listed
 from prefixfleet.pipelines.training.tracking import JobRun
 from prefixfleet.registry import Registry, Unavailable, UserKey
+from prefixfleet.registry.retry import waiting_at_most
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger("prefixfleet")
 MODES = ("packed", "isolated")
+REACH_DEADLINE_S = 8.0  # a server unreachable when the job starts ends it this soon; later, the outage deadline
 
 
 @dataclass
@@ -48,6 +50,20 @@ class JobRequest:
     per_user_out: Path | None = None  # every per-user row as JSONL (users by id)
 
 
+@dataclass(frozen=True)
+class DataCounts:
+    """What a job read (the summary holds no reference to the ingested blocks: they are freed)."""
+
+    user_count: int
+    rows_read: int
+    bad_count: int
+    bad_rows: list[BadRow]
+
+    @property
+    def rows_used(self) -> int:
+        return self.rows_read - self.bad_count
+
+
 @dataclass
 class JobSummary:
     """What a job did. `outcomes` holds the first tally.KEPT users' outcomes; the others are counted
@@ -55,7 +71,7 @@ class JobSummary:
 
     job_id: str
     kind: str
-    data: Ingested
+    data: DataCounts
     counts: dict[str, int]
     outcomes: list[Outcome]
     listed: int  # users of per_user, kept or not
@@ -64,7 +80,8 @@ class JobSummary:
 
     @classmethod
     def of(cls, job_id: str, kind: str, data: Ingested, tally: Tally, elapsed_s: float) -> JobSummary:
-        return cls(job_id, kind, data, dict(tally.counts), list(tally.kept), tally.listed, tally.mean_losses(),
+        counts = DataCounts(data.user_count, data.rows_read, data.bad_count, data.bad_rows)
+        return cls(job_id, kind, counts, dict(tally.counts), list(tally.kept), tally.listed, tally.mean_losses(),
                    elapsed_s)
 
     def count(self, status: str) -> int:
@@ -152,6 +169,11 @@ def run_job(request: JobRequest, registry: Registry, home: Path, fleet: Fleet | 
     if request.mode not in MODES:
         raise JobError(f"unknown mode {request.mode!r}; expected packed or isolated")
     started = time.monotonic()
+    with waiting_at_most(REACH_DEADLINE_S):
+        try:
+            registry.check_reachable(request.namespace)
+        except Unavailable as exc:
+            raise JobError(f"cannot start the job: {exc}") from exc
     connect_ray(request.address)
     data = load_data(request)
     if fleet is not None:

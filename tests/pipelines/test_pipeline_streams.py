@@ -5,6 +5,7 @@ MLflow tracking store, local Ray."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -62,3 +63,21 @@ def test_bad_rows_past_the_first_ones_are_counted_not_listed(backbone: str, loca
     assert len(listed) == BAD_ROWS_KEPT and listed[0].startswith(f"bad row {data}:{len(synthetic(1)) + 1}: ")
     assert f"… and {bad - BAD_ROWS_KEPT} more bad rows" in lines
     assert lines[-1].startswith(f"error: {bad} bad row(s)")
+
+
+@pytest.mark.parametrize("server", ["MLflow", "S3"])
+def test_a_server_unreachable_at_the_start_ends_the_job_in_seconds_with_one_line(
+        server: str, local_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if server == "MLflow":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: refused
+    else:
+        monkeypatch.setenv("PREFIXFLEET_STORE", "s3://bucket/prefixes")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic(1))
+    started = time.monotonic()
+    result = cli("train", str(data), "--backbone", "unused")  # the default outage deadline is minutes
+    assert time.monotonic() - started < 10 and result.exit_code == 1
+    line, = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: cannot start the job: {server} unreachable")
