@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-from types import ModuleType
 
 from prefixfleet.registry.retry import DEADLINE_VAR
 
@@ -29,10 +28,10 @@ def connect_ray(address: str | None = None) -> bool:
 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return _only_this_machine(ray)
+        return only_this_machine()
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-        return _only_this_machine(ray)
+        return only_this_machine()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              logging_level=logging.WARNING)
     return True
@@ -44,6 +43,9 @@ def actor_env(local: bool) -> dict[str, str]:
     return {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **{n: os.environ[n] for n in names if os.environ.get(n)}}
 
 
-def _only_this_machine(ray: ModuleType) -> bool:
+def only_this_machine() -> bool:
+    """Whether every live node of the connected Ray cluster is this machine."""
+    import ray
+
     here = {ray.util.get_node_ip_address(), "127.0.0.1"}
     return all(node["NodeManagerAddress"] in here for node in ray.nodes() if node["Alive"])

@@ -98,9 +98,9 @@ class Shard:
     stop: int = 0
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow filesystem and path. S3 honours AWS_ENDPOINT_URL (MinIO, Ceph, moto, …) and takes
-    this process's credentials with it, so read tasks on any node use the same ones."""
+def _filesystem(uri: str, credentials: bool) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem and path. S3 honours AWS_ENDPOINT_URL (MinIO, Ceph, moto, …); with
+    `credentials`, this process's go with it to the read tasks, else each node finds its own."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         env = os.environ.get
@@ -110,7 +110,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         if endpoint := env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"):
             ep = urlparse(endpoint)
             options.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
-        if env("AWS_ACCESS_KEY_ID") and env("AWS_SECRET_ACCESS_KEY"):
+        if credentials and env("AWS_ACCESS_KEY_ID") and env("AWS_SECRET_ACCESS_KEY"):
             options.update(access_key=env("AWS_ACCESS_KEY_ID"), secret_key=env("AWS_SECRET_ACCESS_KEY"),
                            session_token=env("AWS_SESSION_TOKEN"))
         return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}".rstrip("/")
@@ -129,15 +129,16 @@ def _dataset_shards(dataset: Any, name: str, rows: int) -> list[Shard]:
             for start in range(0, rows, DATASET_SHARD_ROWS)]
 
 
-def shards(source: Any) -> list[Shard]:
+def shards(source: Any, credentials: bool = True) -> list[Shard]:
     """What there is to read at `source`: a data file, a folder of JSONL/Parquet files (local or
-    s3://), a `save_to_disk` folder, or a `datasets.Dataset`."""
+    s3://), a `save_to_disk` folder, or a `datasets.Dataset`. `credentials`: whether the S3
+    credentials of this process go with the shards (on one machine; a cluster's nodes use theirs)."""
     if not isinstance(source, str):
         if not hasattr(source, "with_format"):
             raise DataError(f"cannot read training data from a {type(source).__name__}: "
                             "give a path, an s3:// URI or a datasets.Dataset")
         return _dataset_shards(source, "dataset", len(source))
-    fs, path = _filesystem(source)
+    fs, path = _filesystem(source, credentials)
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:

@@ -37,6 +37,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.data.expressions import col
 from ray.exceptions import RayError
 
+from prefixfleet.pipelines.cluster import only_this_machine
 from prefixfleet.pipelines.training.data import BadRow, DataError, GoodRow, Shard, UserData, read_shard, shards
 from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.registry import UserKey
@@ -185,7 +186,7 @@ def _buckets(parts: list[Shard]) -> int:
 
 def ingest(source: Any, namespace: str) -> Ingested:
     """Read, validate and group every row of `source` (see `data.shards`) on the Ray cluster."""
-    parts = shards(source)
+    parts = shards(source, credentials=only_this_machine())
     if any(s.kind == "dataset" and not isinstance(s.dataset, str) for s in parts):
         ref = ray.put(parts[0].dataset)  # once in the object store, not once per read task
         parts = [replace(s, dataset=ref) for s in parts]
