@@ -153,10 +153,6 @@ class Ingested:
     namespaces: set[str]
     files: list[str]
 
-    @property
-    def rows_used(self) -> int:
-        return self.rows_read - self.bad_count
-
 
 def _data_error(exc: BaseException) -> BaseException | None:
     """The DataError a read task raised, from inside Ray's wrappers."""

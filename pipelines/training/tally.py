@@ -63,14 +63,6 @@ class Tally:
     def total(self) -> int:
         return sum(self.counts[s] for s in ("trained", "skipped", "failed"))
 
-    @property
-    def truncated(self) -> bool:
-        return self.listed > len(self.per_user)
-
-    @property
-    def per_user(self) -> list[Outcome]:
-        return [o for o in self.kept if listed(o)]
-
     def add(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
             self.counts[outcome.status] += 1
