@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
 
@@ -73,9 +74,10 @@ class UserData:
     train: list[Example] = field(default_factory=list)
     eval: list[Example] = field(default_factory=list)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Order-independent over the examples; with an explicit split the split is part of it."""
+        """Order-independent over the examples; with an explicit split the split is part of it.
+        Computed once: read it after the last example is added."""
         if not self.eval:
             return data_fingerprint(self.train)
         both = f"train:{data_fingerprint(self.train)}\neval:{data_fingerprint(self.eval)}"

@@ -59,7 +59,7 @@ ROW_SCHEMA = pa.schema([
 BAD_TYPE = pa.struct([("shard", pa.int32()), ("number", pa.int64()), ("where", pa.string()), ("reason", pa.string())])
 USER_SCHEMA = pa.schema([
     ("kind", pa.string()), ("namespace", pa.string()), ("user_id", pa.string()), ("rows", pa.int64()),
-    ("fingerprint", pa.string()), ("payload", pa.binary()), ("bad_count", pa.int64()),
+    ("payload", pa.binary()), ("bad_count", pa.int64()),
     ("namespaces", pa.list_(pa.string())), ("bad", pa.list_(BAD_TYPE)),
 ])
 USER, STATS = "user", "stats"
@@ -124,8 +124,9 @@ def _group_bucket(table: pa.Table) -> pa.Table:
     count = 0
     for row in rows + [None]:
         if user is not None and (row is None or (row["namespace"], row["user_id"]) != (user.key.namespace, user.key.user_id)):
+            _ = user.fingerprint  # computed here, once: cached, it travels in the pickle to the actor's plan
             emit(kind=USER, namespace=user.key.namespace, user_id=user.key.user_id, rows=count,
-                 fingerprint=user.fingerprint, payload=pickle.dumps(user, protocol=5))
+                 payload=pickle.dumps(user, protocol=5))
             user = None
         if row is None:
             break
