@@ -19,11 +19,13 @@ from prefixfleet.registry.erasure import ERASURE_DIR, ErasureSnapshot, Forgotten
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
 from prefixfleet.registry.home import home_dir
+from prefixfleet.registry.index import PUBLISHED, Published, index_tag, read_index
 from prefixfleet.registry.keys import UserKey, check_namespace, check_prefix
 from prefixfleet.registry.refs import ForgetReceipt, VersionRef
 from prefixfleet.registry.store import FileStore, open_store
 
-RECENT = 20  # versions read back after a publish to settle twins and the alias
+RECENT = 20  # versions read back after a publish to settle twins and the alias (and indexed)
+NAMES_PER_SEARCH = 100  # users per bulk read (the filter travels in a GET's query string)
 _SETTLE_ROUNDS = 20
 
 
@@ -207,6 +209,24 @@ class Registry:
         twin = self._oldest_twin(name, identity(data_fingerprint, spec, backbone_fingerprint, settings))
         return self._exact_ref(key, name, twin.version) if twin else None
 
+    def published(self, keys: list[UserKey]) -> dict[UserKey, Published | None]:
+        """What is published for many users, from one search of registered models per
+        NAMES_PER_SEARCH users: None for a user whose index is missing or stale (ask `find` and
+        `resolve` for that one)."""
+        out: dict[UserKey, Published | None] = {}
+        for start in range(0, len(keys), NAMES_PER_SEARCH):
+            batch = {k.model_name(self.prefix): k for k in keys[start:start + NAMES_PER_SEARCH]}
+            names = ", ".join(f"'{n}'" for n in batch)
+            models: dict[str, ModelRecord] = {}
+            token: str | None = None
+            while True:
+                page, token = self.catalog.search_models(f"name IN ({names})", token)
+                models.update((m.name, m) for m in page)
+                if not token:
+                    break
+            out.update((k, read_index(k, models.get(n))) for n, k in batch.items())
+        return out
+
     def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:
         """A fresh read of one version, aliases included (searches do not report aliases)."""
         rec = self.catalog.get_version(name, version)
@@ -225,8 +245,8 @@ class Registry:
         again and corrects the alias until the read agrees with its last write, so the last
         writer always leaves the newest requester and no concurrent update is lost. Deletes
         `mine` if it is a younger twin, and any version an earlier attempt of this publish created
-        (a create whose response was lost: same publish token). Returns (kept version, whether the
-        alias is on it)."""
+        (a create whose response was lost: same publish token), then writes the published index
+        from its last read. Returns (kept version, whether the alias is on it)."""
         ident, token = mine.tags[refs.IDENTITY], mine.tags[refs.PUBLISH_TOKEN]
         written: int | None = None
         if alias:
@@ -234,6 +254,8 @@ class Registry:
             written = mine.version
         kept: VersionRecord | None = None
         leftovers: set[int] = set()
+        recent: list[VersionRecord] = []
+        more: str | None = None
         for _ in range(_SETTLE_ROUNDS):
             recent, more = self.catalog.search_versions(
                 f"name = '{name}'", order_by="version_number DESC", max_results=RECENT)
@@ -257,8 +279,11 @@ class Registry:
             self.catalog.set_alias(name, alias, wanted)
             written = wanted
         kept = kept or mine
-        for version in sorted(leftovers | ({mine.version} - {kept.version})):
+        deleted = leftovers | ({mine.version} - {kept.version})
+        for version in sorted(deleted):
             self._delete_version(name, version)
+        self.catalog.set_model_tag(name, PUBLISHED, index_tag([v for v in recent if v.version not in deleted],
+                                                              complete=not more))
         return kept, written == kept.version
 
     # ---- reading ----------------------------------------------------------------------------
@@ -327,7 +352,7 @@ class Registry:
         pattern = f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
         token: str | None = None
         while True:
-            page, token = self.catalog.search_models(pattern, token)
+            page, token = self.catalog.search_models(f"name LIKE '{pattern}'", token)
             for m in page:
                 key = UserKey.from_model_name(m.name, self.prefix)
                 if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard

@@ -2,9 +2,11 @@
 the job code are imported when one of these commands runs, not when the CLI starts."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
     from prefixfleet.pipelines.demo import DemoReport
     from prefixfleet.pipelines.training.job import JobRequest, JobSummary
+    from prefixfleet.pipelines.training.outcome import Outcome
 
 DataArg = Annotated[str, typer.Argument(help="JSONL or Parquet file or folder, local or s3://bucket/key.")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or local save_pretrained folder.")]
@@ -43,6 +46,9 @@ CpusOpt = Annotated[float, typer.Option("--actor-cpus", help="CPUs per trainer a
 GpusOpt = Annotated[float, typer.Option("--actor-gpus", help="GPUs per trainer actor; fractions share a GPU.")]
 PerUserOutOpt = Annotated[Path | None, typer.Option(
     "--per-user-out", help="Write every per-user row as JSONL to this file (--json then may carry counts only).")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Plan only: print, as it is decided, each user to be trained, skipped or refused; "
+                      "nothing is trained or written.")]
 OutageOpt = Annotated[float, typer.Option(
     "--outage-deadline", help="Seconds to wait out an unreachable MLflow or S3 before the job stops; "
                               "running it again finishes it.")]
@@ -81,6 +87,30 @@ def _run(request: JobRequest, home: Path | None, outage_deadline: float) -> JobS
     return summary
 
 
+PLAN_WORDS = {"planned": "train", "skipped": "skip", "failed": "refuse"}
+
+
+def _plan_printer(as_json: bool) -> Callable[[Outcome], None]:
+    """A dry run's line per user, printed as its chunk is planned."""
+    def show(outcome: Outcome) -> None:
+        word = PLAN_WORDS[outcome.status]
+        if as_json:
+            typer.echo(json.dumps({"plan": word, "namespace": outcome.key.namespace, "user_id": outcome.key.user_id,
+                                   "version": outcome.version, "reason": outcome.reason}))
+        else:
+            typer.echo(f"{word:6} {outcome.key.namespace}/{outcome.key.user_id}: {outcome.reason}")
+    return show
+
+
+def _report_plan(summary: JobSummary, as_json: bool, skip_bad_rows: bool) -> None:
+    refused = ""
+    if summary.data.bad_count and not skip_bad_rows:
+        refused = (f"the job would refuse to start: {summary.data.bad_count} bad rows "
+                   "(fix them or pass --skip-bad-rows)")
+    emit({**summary.to_json(), "per_user": [], "dry_run": True}, as_json,
+         "\n".join(filter(None, [summary.describe(), refused])))
+
+
 def _report(summary: JobSummary, as_json: bool, per_user_out: Path | None) -> None:
     lines = [f"job {summary.job_id}"]
     if summary.truncated:
@@ -103,7 +133,7 @@ def _report(summary: JobSummary, as_json: bool, per_user_out: Path | None) -> No
 def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
              lr: float | None, batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
              address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float,
-             per_user_out: Path | None) -> JobRequest:
+             per_user_out: Path | None, dry_run: bool, as_json: bool) -> JobRequest:
     with needs("train"):
         from prefixfleet.pipelines.training.job import JobRequest
 
@@ -115,7 +145,16 @@ def _request(kind: str, data: str, backbone: str, namespace: str, method: str, v
     if pack_size < 1:
         fail(f"--pack-size must be at least 1, got {pack_size}", code=2)
     return JobRequest(data, backbone, kind, namespace, spec, config, mode, pack_size, skip_bad_rows, address,
-                      actors, actor_cpus, actor_gpus, per_user_out=per_user_out)
+                      actors, actor_cpus, actor_gpus, per_user_out=per_user_out, dry_run=dry_run,
+                      on_outcome=_plan_printer(as_json) if dry_run else None)
+
+
+def _finish(request: JobRequest, home: Path | None, outage_deadline: float, as_json: bool) -> None:
+    summary = _run(request, home, outage_deadline)
+    if request.dry_run:
+        _report_plan(summary, as_json, request.skip_bad_rows)
+    else:
+        _report(summary, as_json, request.per_user_out)
 
 
 @app.command()
@@ -124,13 +163,14 @@ def train(
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
     actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
-    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, home: HomeOption = None,
-    as_json: JsonOption = False,
+    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, dry_run: DryRunOpt = False,
+    home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
     """Train every user in DATA, publish each as `candidate`, promote to `production` when the gate passes."""
     request = _request("train", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
-                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out)
-    _report(_run(request, home, outage_deadline), as_json, per_user_out)
+                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
+                       as_json)
+    _finish(request, home, outage_deadline, as_json)
 
 
 @app.command()
@@ -139,16 +179,17 @@ def retrain(
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
     actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
-    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, home: HomeOption = None,
-    as_json: JsonOption = False,
+    outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, dry_run: DryRunOpt = False,
+    home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
     """Retrain only users whose data changed since their production prefix (warm start, same gate).
 
     Users without a production prefix are trained from scratch with --method/--virtual-tokens.
     """
     request = _request("retrain", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
-                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out)
-    _report(_run(request, home, outage_deadline), as_json, per_user_out)
+                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
+                       as_json)
+    _finish(request, home, outage_deadline, as_json)
 
 
 def _demo_tables(report: DemoReport) -> tuple[Table, Table]:

@@ -77,6 +77,10 @@ class UserTrainer:
         owners: list[int] = []  # requests[i] trains users[owners[i]]
         productions: list[Production] = []
         down: Unavailable | None = None
+        try:
+            published = self.planner.lookup(users)
+        except Unavailable as exc:
+            published, down = {}, exc
         for index, user in enumerate(users):
             if down is not None:
                 outcomes[index] = Outcome.not_started(user.key, str(down))
@@ -84,10 +88,10 @@ class UserTrainer:
                 continue
             try:
                 self.publisher.check_not_forgotten(user.key, context)
-                task = self.planner.decide(user, context)
+                task = self.planner.decide(user, context, published.get(user.key))
                 with self.lock:
                     self.counts["chunk_planned"] += 1
-                if not isinstance(task, UserTask):
+                if not isinstance(task, UserTask) or context.dry_run:
                     outcomes[index] = Outcome.planned(task)
                     self._done()
                     continue

@@ -48,6 +48,8 @@ class JobRequest:
     actor_gpus: float = 0.0
     progress: bool | None = None  # live bar; None: when stderr is a terminal
     per_user_out: Path | None = None  # every per-user row as JSONL (users by id)
+    dry_run: bool = False  # plan only: each user's decision to `on_outcome`; nothing trained, no job run
+    on_outcome: Callable[[Outcome], None] | None = None  # called in the driver as each user is decided
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,15 @@ class JobSummary:
         return self.counts.get(status, 0)
 
     @property
+    def dry_run(self) -> bool:
+        return not self.job_id
+
+    @property
     def users(self) -> dict[str, int]:
+        """Counts by outcome; a dry run's `planned` are the users it would train."""
+        if self.dry_run:
+            return {"read": self.data.user_count, "planned": self.count("planned"), "skipped": self.count("skipped"),
+                    "failed": self.count("failed")}
         return {"read": self.data.user_count, "trained": self.count("trained"), "skipped": self.count("skipped"),
                 "failed": self.count("failed"), "promoted": self.count("promoted")}
 
@@ -124,18 +134,22 @@ class JobSummary:
 
     def describe(self) -> str:
         u = self.users
+        if self.dry_run:
+            return (f"dry run: read {self.data.rows_read} rows for {u['read']} users ({self.data.bad_count} bad rows); "
+                    f"would train {u['planned']}, skip {u['skipped']}, refuse {u['failed']}")
         return (f"read {self.data.rows_read} rows for {u['read']} users ({self.data.bad_count} bad rows skipped); "
                 f"trained {u['trained']}, skipped {u['skipped']}, failed {u['failed']}; promoted {u['promoted']}")
 
 
 def load_data(request: JobRequest) -> Ingested:
-    """Read, validate and group on Ray; refuse bad rows unless told to skip them."""
+    """Read, validate and group on Ray; refuse bad rows unless told to skip them (a dry run lists
+    them and plans the rest)."""
     data = ingest(request.data, request.namespace)
-    if data.bad_count and not request.skip_bad_rows:
+    if data.bad_count and not (request.skip_bad_rows or request.dry_run):
         raise DataError(f"{data.bad_count} bad row(s) in {request.data}, nothing trained (first: {data.bad_rows[0]}); "
                         "fix them or pass --skip-bad-rows", data.bad_rows, data.bad_count)
     for row in data.bad_rows:
-        log.warning("skipping bad row %s", row)
+        log.warning("%s bad row %s", "" if request.dry_run else "skipping", row)
     if data.bad_count > len(data.bad_rows):
         log.warning("… and %d more bad rows", data.bad_count - len(data.bad_rows))
     log.info("read %d rows for %d users from %d source(s)", data.rows_read, data.user_count, len(data.files))
@@ -193,6 +207,17 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fl
         erasures = registry.erasure_snapshot(data.namespaces)  # the job's start
     except Unavailable as exc:
         raise JobError(f"cannot start the job: {exc}") from exc
+    if request.dry_run:
+        context = JobContext("", request.kind, fleet.backbone, request.config, pack_size, request.spec, erasures,
+                             dry_run=True)
+        with tempfile.TemporaryDirectory() as folder, Tally(registry.pseudonym, Path(folder) / "per_user.parquet",
+                                                            request.per_user_out, request.on_outcome) as tally:
+            _plan_and_train(data, fleet, context, tally, request, isolated)
+        if tally.down is not None:
+            raise JobError(f"stopped: {tally.down.unavailable_reason}")
+        summary = JobSummary.of("", request.kind, data, tally, time.monotonic() - started)
+        log.info("%s", summary.describe())
+        return summary
     run = JobRun(registry.tracking_uri, home)
     run_id = run.start(request.kind, {
         "data": str(request.data), "backbone": fleet.backbone, "backbone_fingerprint": fingerprint,
@@ -201,11 +226,9 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fl
     })
     try:
         context = JobContext(run_id, request.kind, fleet.backbone, request.config, pack_size, request.spec, erasures)
-        work = chunks(blocks(data.users), data.user_count, len(fleet.actors), pack_size, isolated)
-        with tempfile.TemporaryDirectory() as folder, \
-                Tally(registry.pseudonym, Path(folder) / "per_user.parquet", request.per_user_out) as tally:
-            with JobProgress(data.user_count, live=request.progress) as progress:
-                fleet.run(work, context, tally, progress)
+        with tempfile.TemporaryDirectory() as folder, Tally(registry.pseudonym, Path(folder) / "per_user.parquet",
+                                                            request.per_user_out, request.on_outcome) as tally:
+            _plan_and_train(data, fleet, context, tally, request, isolated)
             fleet.check_unchanged()
             tally.close()
             summary = JobSummary.of(run_id, request.kind, data, tally, time.monotonic() - started)
@@ -219,3 +242,10 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fl
         raise
     log.info("%s", summary.describe())
     return summary
+
+
+def _plan_and_train(data: Ingested, fleet: Fleet, context: JobContext, tally: Tally, request: JobRequest,
+                    isolated: bool) -> None:
+    work = chunks(blocks(data.users), data.user_count, len(fleet.actors), context.pack_size, isolated)
+    with JobProgress(data.user_count, live=request.progress) as progress:
+        fleet.run(work, context, tally, progress)

@@ -5,12 +5,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prefixfleet.pipelines.training.plan import Failure, Skip
+from prefixfleet.pipelines.training.plan import Failure, Skip, UserTask
 from prefixfleet.registry import Forgotten, Unavailable, UserKey
 from prefixfleet.registry.errors import RegistryError
 from prefixfleet.workers.errors import WorkerError
 
-STATUSES = ("trained", "skipped", "failed")
+STATUSES = ("trained", "skipped", "failed", "planned")  # planned: a dry run would train the user
 NOT_STARTED = "not started: "
 FORGOTTEN = "forgotten after this job started: nothing of the user was published"
 
@@ -44,8 +44,11 @@ class Outcome:
         return cls.failed(key, reason_of(exc), unavailable=isinstance(exc, Unavailable))
 
     @classmethod
-    def planned(cls, decision: Skip | Failure) -> Outcome:
-        """A user the plan did not send to training."""
+    def planned(cls, decision: UserTask | Skip | Failure) -> Outcome:
+        """What the plan decided, before any training: a task is `planned` (a dry run's)."""
+        if isinstance(decision, UserTask):
+            version = decision.existing if decision.existing is not None else decision.warm_start
+            return cls(key=decision.key, status="planned", version=version, reason=decision.reason)
         if isinstance(decision, Skip):
             return cls(key=decision.key, status="skipped", version=decision.version, reason=decision.reason)
         return cls.failed(decision.key, decision.reason)

@@ -1,6 +1,8 @@
-"""Which users a job trains, decided in the trainer actor just before training them: a user
-already published from this data, spec, training settings and backbone is not trained again, so
-running the same job twice publishes nothing the second time. Such a version that never reached
+"""Which users a job trains, decided in the trainer actor just before training them, from one
+bulk read of the chunk's published index (registry.index): a user already published from this
+data, spec, training settings and backbone is not trained again, so running the same job twice
+publishes nothing the second time, and a re-run over unchanged users makes one MLflow request per
+hundred users. Such a version that never reached
 production (or reached it in this very job, before a crash) goes to its gate again instead of
 training. A nightly retrain (`kind="retrain"`) also skips users whose data is unchanged since
 production, and warm-starts the others from production with production's spec."""
@@ -12,7 +14,7 @@ from prefixfleet.pipelines.training.data import UserData
 from prefixfleet.pipelines.training.published import PublishedLookup
 from prefixfleet.registry import ErasureSnapshot, NotFound, Registry, Unavailable, UserKey, VersionRef
 from prefixfleet.registry.errors import RegistryError
-from prefixfleet.registry.refs import PRODUCTION
+from prefixfleet.registry.index import Published
 from prefixfleet.workers.data import Example
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
@@ -45,6 +47,7 @@ class JobContext:
     pack_size: int
     spec: PrefixSpec  # for users without a production prefix to follow (retrain) or for all (train)
     erasures: ErasureSnapshot | None = None  # forgets known at the job's start; None: each publish's
+    dry_run: bool = False  # plan only: nothing is trained or written
 
 
 @dataclass(frozen=True)
@@ -72,32 +75,53 @@ class Planner:
         self.registry, self.fingerprint = registry, backbone_fingerprint
         self.published = PublishedLookup(registry, backbone_fingerprint)
 
-    def decide(self, user: UserData, context: JobContext) -> UserTask | Skip | Failure:
-        """Raises Unavailable when a server stays unreachable; other registry errors fail the user."""
+    def lookup(self, users: list[UserData]) -> dict[UserKey, Published | None]:
+        """The chunk's bulk read; raises Unavailable when MLflow stays unreachable. A read that
+        fails otherwise leaves each user to its own look-up."""
+        try:
+            return self.registry.published([u.key for u in users])
+        except Unavailable:
+            raise
+        except RegistryError:
+            return {}
+
+    def decide(self, user: UserData, context: JobContext, published: Published | None = None
+               ) -> UserTask | Skip | Failure:
+        """`published`: the user's entry of `lookup` (None: ask MLflow). Raises Unavailable when a
+        server stays unreachable; other registry errors fail the user."""
         if not user.train:
             return Failure(user.key, f"no training rows ({len(user.eval)} rows, all split 'eval')")
         try:
             if context.kind == "retrain":
-                return self._retrain(user, context)
-            return self._trained(user, context.spec, context) or task_for(user, context.spec)
+                return self._retrain(user, context, published)
+            return self._trained(user, context.spec, context, published) or task_for(user, context.spec)
         except Unavailable:
             raise
         except RegistryError as exc:
             return Failure(user.key, f"registry: {exc}")
 
-    def _trained(self, user: UserData, spec: PrefixSpec, context: JobContext) -> UserTask | Skip | None:
+    def _trained(self, user: UserData, spec: PrefixSpec, context: JobContext,
+                 published: Published | None) -> UserTask | Skip | None:
         """None, or what to do with the version published from exactly this task: skipped once in
         production by an earlier job, else its gate is finished by the actor."""
-        found = self.published.find(user.key, user.fingerprint, spec, context.config)
+        found = self.published.find(user.key, user.fingerprint, spec, context.config, published)
         if found is None:
             return None
-        if PRODUCTION in found.aliases and found.run_id != context.run_id:
+        if found.in_production and found.run_id != context.run_id:
             return Skip(user.key, f"already published as version {found.version} (production)", found.version)
         return task_for(user, spec, reason=f"finish the gate of version {found.version}", existing=found.version)
 
-    def _retrain(self, user: UserData, context: JobContext) -> UserTask | Skip | Failure:
+    def _retrain(self, user: UserData, context: JobContext, published: Published | None) -> UserTask | Skip | Failure:
         """Users whose data is unchanged since production are skipped whatever the settings."""
         key = user.key
+        if published is not None and published.complete:
+            if published.production is None:
+                return self._trained(user, context.spec, context, published) \
+                    or task_for(user, context.spec, reason="no production prefix yet")
+            indexed = published.version(published.production)
+            if indexed is not None and (indexed.backbone_fingerprint, indexed.data_fingerprint) \
+                    == (self.fingerprint, user.fingerprint) and indexed.run_id != context.run_id:
+                return Skip(key, f"data unchanged since production version {indexed.version}", indexed.version)
         try:  # plan on what production is now, not on a cached resolution
             production: VersionRef | None = self.registry.resolve(key, "production", fresh=True)
         except NotFound:
@@ -116,4 +140,4 @@ class Planner:
                 warm, reason = production.version, f"data changed since production version {production.version}"
             else:
                 warm, reason = None, f"production version {production.version} was trained on another backbone"
-        return self._trained(user, spec, context) or task_for(user, spec, warm_start=warm, reason=reason)
+        return self._trained(user, spec, context, published) or task_for(user, spec, warm_start=warm, reason=reason)

@@ -52,8 +52,13 @@ class Publisher:
 
     def existing(self, task: UserTask) -> VersionRef | None:
         """The version the plan found already trained from this task (by an earlier job, or this
-        one before a crash)."""
-        return None if task.existing is None else self.registry.resolve(task.key, version=task.existing)
+        one before a crash); None when there is none, or it has been deleted since (trained again)."""
+        if task.existing is None:
+            return None
+        try:
+            return self.registry.resolve(task.key, version=task.existing, fresh=True)
+        except NotFound:
+            return None
 
     def warm_start(self, task: UserTask) -> PrefixTensors | None:
         if task.warm_start is None:

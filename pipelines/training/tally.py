@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.pipelines.training.outcome import STATUSES, Outcome
 from prefixfleet.registry import UserKey
 
 KEPT = 1000  # outcomes kept whole (the --json `per_user`, the run's table preview)
@@ -37,8 +37,9 @@ def listed(outcome: Outcome) -> bool:
 class Tally:
     """Use as a context manager: the files are closed on exit."""
 
-    def __init__(self, pseudonym: Callable[[UserKey], str], table: Path, per_user_out: Path | None = None) -> None:
-        self.pseudonym = pseudonym
+    def __init__(self, pseudonym: Callable[[UserKey], str], table: Path, per_user_out: Path | None = None,
+                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+        self.pseudonym, self.on_outcome = pseudonym, on_outcome
         self.counts: Counter[str] = Counter()
         self.kept: list[Outcome] = []
         self.listed = 0  # users of `per_user`, kept or not
@@ -61,7 +62,7 @@ class Tally:
 
     @property
     def total(self) -> int:
-        return sum(self.counts[s] for s in ("trained", "skipped", "failed"))
+        return sum(self.counts[s] for s in STATUSES)
 
     def add(self, outcomes: Iterable[Outcome]) -> None:
         for outcome in outcomes:
@@ -81,6 +82,8 @@ class Tally:
                 for name in self.loss_sums:
                     self.loss_sums[name] += getattr(outcome, name) or 0.0
             self._curve(outcome.loss_curve)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
             self._records.append(outcome.to_record(self.pseudonym(outcome.key)))
         if len(self._records) >= WRITE_EVERY:
             self._flush()

@@ -60,6 +60,7 @@ class ModelRecord:
     name: str
     tags: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
+    latest: int = 0  # the newest live version (0: none); filled by gets and searches alike
 
     def aliases_of(self, version: int) -> list[str]:
         return sorted(a for a, v in self.aliases.items() if v == version)
@@ -80,8 +81,9 @@ class Catalog(ABC):
         """Hard-delete the model with its versions, tags and aliases; raise Missing if absent."""
 
     @abstractmethod
-    def search_models(self, name_like: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
-        """One page (ordered by name) of models whose name matches the SQL LIKE pattern."""
+    def search_models(self, filter_string: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
+        """One page (ordered by name) of models matching an MLflow filter (`name LIKE '…'`,
+        `name IN ('…', …)`), aliases, tags and latest version included."""
 
     @abstractmethod
     def set_model_tag(self, name: str, key: str, value: str) -> None: ...

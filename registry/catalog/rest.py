@@ -48,7 +48,8 @@ def _version(js: dict[str, Any]) -> VersionRecord:
 
 def _model(js: dict[str, Any]) -> ModelRecord:
     aliases = {a["alias"]: int(a["version"]) for a in js.get("aliases", [])}
-    return ModelRecord(js["name"], _tags(js.get("tags")), aliases)
+    latest = max((int(v["version"]) for v in js.get("latest_versions", [])), default=0)
+    return ModelRecord(js["name"], _tags(js.get("tags")), aliases, latest)
 
 
 class RestCatalog(Catalog):
@@ -102,8 +103,8 @@ class RestCatalog(Catalog):
     def delete_model(self, name: str) -> None:
         self._call("DELETE", "registered-models/delete", {"name": name})
 
-    def search_models(self, name_like: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
-        body = {"filter": f"name LIKE '{name_like}'", "max_results": PAGE_MAX_MODELS, "order_by": ["name ASC"]}
+    def search_models(self, filter_string: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
+        body = {"filter": filter_string, "max_results": PAGE_MAX_MODELS, "order_by": ["name ASC"]}
         if page_token:
             body["page_token"] = page_token
         js = self._call("GET", "registered-models/search", body)

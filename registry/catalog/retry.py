@@ -60,8 +60,8 @@ class RetryingCatalog(Catalog):
     def delete_model(self, name: str) -> None:
         self._delete("delete_model", lambda: self.inner.delete_model(name))
 
-    def search_models(self, name_like: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
-        return self._run("search_models", lambda: self.inner.search_models(name_like, page_token))
+    def search_models(self, filter_string: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
+        return self._run("search_models", lambda: self.inner.search_models(filter_string, page_token))
 
     def set_model_tag(self, name: str, key: str, value: str) -> None:
         self._run("set_model_tag", lambda: self.inner.set_model_tag(name, key, value))

@@ -51,7 +51,8 @@ def _version(mv: ModelVersion) -> VersionRecord:
 
 
 def _model(rm: RegisteredModel) -> ModelRecord:
-    return ModelRecord(rm.name, dict(rm._tags), {a: int(v) for a, v in rm.aliases.items()})
+    latest = max((int(v.version) for v in rm.latest_versions or ()), default=0)
+    return ModelRecord(rm.name, dict(rm._tags), {a: int(v) for a, v in rm.aliases.items()}, latest)
 
 
 class SqlCatalog(Catalog):
@@ -85,8 +86,8 @@ class SqlCatalog(Catalog):
     def delete_model(self, name: str) -> None:
         self._do("delete_registered_model", name)
 
-    def search_models(self, name_like: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
-        page = self._do("search_registered_models", f"name LIKE '{name_like}'", PAGE_MAX_MODELS,
+    def search_models(self, filter_string: str, page_token: str | None) -> tuple[list[ModelRecord], str | None]:
+        page = self._do("search_registered_models", filter_string, PAGE_MAX_MODELS,
                         ["name ASC"], page_token)
         return [_model(m) for m in page], page.token or None
 

@@ -1,0 +1,67 @@
+"""The published index (registry.index): one search of registered models tells a planner, for a
+chunk of users, which versions exist with which identity and which is in production — and it is
+trusted only while it describes the model's newest version."""
+from __future__ import annotations
+
+import pytest
+
+from prefixfleet.registry import Registry, UserKey
+from prefixfleet.registry import registry as registry_module
+from prefixfleet.registry.header import read_header
+from prefixfleet.registry.index import PUBLISHED
+from tests.fixtures.artifacts import make_artifact
+
+
+def _publish(registry: Registry, key: UserKey, data: str, **kwargs: object):
+    return registry.publish(key, make_artifact(key.namespace, key.user_id, data_fingerprint=data), **kwargs)
+
+
+def test_bulk_read_lists_each_users_versions_production_and_unknown_users(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "NAMES_PER_SEARCH", 2)  # several batches from 5 users
+    keys = [UserKey("idx", f"u{i}") for i in range(4)]
+    for i, key in enumerate(keys[:3]):
+        first = _publish(registry, key, "d1", run_id=f"run-{i}")
+        registry.promote(key, first.version)
+        _publish(registry, key, "d2")
+    found = registry.published([*keys, UserKey("other", "u0")])
+
+    assert set(found) == {*keys, UserKey("other", "u0")}
+    for i, key in enumerate(keys[:3]):
+        entry = found[key]
+        assert entry is not None and entry.complete and entry.production == 1
+        assert [v.version for v in entry.versions] == [2, 1]
+        one = entry.version(1)
+        header = read_header(registry.fetch(key, version=1))
+        assert (one.identity, one.data_fingerprint, one.backbone_fingerprint, one.run_id) == (
+            header.identity, "d1", "backbone-1", f"run-{i}")
+        assert entry.oldest(header.identity) == one
+    unknown = found[keys[3]]
+    assert unknown is not None and unknown.versions == () and unknown.production is None
+
+
+def test_an_index_behind_the_newest_version_is_not_trusted(registry: Registry) -> None:
+    key = UserKey("idx", "stale")
+    _publish(registry, key, "d1")
+    before = registry.catalog.get_model(key.model_name(registry.prefix)).tags[PUBLISHED]
+    _publish(registry, key, "d2")
+    assert registry.published([key])[key] is not None
+    # as a publish that stopped before its last write (or raced another) leaves it
+    registry.catalog.set_model_tag(key.model_name(registry.prefix), PUBLISHED, before)
+    assert registry.published([key])[key] is None
+
+
+def test_a_model_without_an_index_is_left_to_the_per_user_lookup(registry: Registry) -> None:
+    key = UserKey("idx", "legacy")
+    _publish(registry, key, "d1")
+    name = key.model_name(registry.prefix)
+    registry.catalog.set_model_tag(name, PUBLISHED, "not json")
+    assert registry.published([key])[key] is None
+
+
+def test_forget_takes_the_index_with_the_model(registry: Registry) -> None:
+    key = UserKey("idx", "gone")
+    _publish(registry, key, "d1")
+    registry.forget(key)
+    entry = registry.published([key])[key]
+    assert entry is not None and entry.versions == ()
