@@ -4,7 +4,7 @@ the per-user look-ups it replaced (`Planner.decide` without the bulk read: 1–4
 user). Both sides plan the same chunks in the same process and must reach the same decisions;
 MLflow requests are counted at the catalog.
 
-    python benchmarks/bench_plan.py [--users 2000] [--chunk 64] [--tracking-uri URI --store URI]
+    python benchmarks/bench_plan.py [--users 2000] [--chunk 32] [--tracking-uri URI --store URI]
 
 The registry is filled through the product's publish + promote (so each user has an index). With
 no URIs it is the embedded default: sqlite and a file store in a temporary folder.
@@ -96,7 +96,7 @@ def plan(registry: Registry, people: list[UserData], kind: str, chunk: int, bulk
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=32)  # the fleet's largest: 4 packs of 8
     parser.add_argument("--tracking-uri")
     parser.add_argument("--store")
     args = parser.parse_args()

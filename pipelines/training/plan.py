@@ -2,10 +2,10 @@
 bulk read of the chunk's published index (registry.index): a user already published from this
 data, spec, training settings and backbone is not trained again, so running the same job twice
 publishes nothing the second time, and a re-run over unchanged users makes one MLflow request per
-hundred users. Such a version that never reached
-production (or reached it in this very job, before a crash) goes to its gate again instead of
-training. A nightly retrain (`kind="retrain"`) also skips users whose data is unchanged since
-production, and warm-starts the others from production with production's spec."""
+chunk. Such a version that never reached production (or reached it in this very job, before a
+crash) goes to its gate again instead of training. A nightly retrain (`kind="retrain"`) also
+skips users whose data is unchanged since production, and warm-starts the others from production
+with production's spec."""
 from __future__ import annotations
 
 from dataclasses import dataclass
