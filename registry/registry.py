@@ -25,7 +25,8 @@ from prefixfleet.registry.refs import ForgetReceipt, VersionRef
 from prefixfleet.registry.store import FileStore, open_store
 
 RECENT = 20  # versions read back after a publish to settle twins and the alias (and indexed)
-NAMES_PER_SEARCH = 100  # users per bulk read (the filter travels in a GET's query string)
+NAMES_PER_SEARCH = 100  # users per bulk read
+FILTER_CHARS = 3000  # of its filter: servers refuse request lines past about 4 KiB
 _SETTLE_ROUNDS = 20
 
 
@@ -210,12 +211,10 @@ class Registry:
         return self._exact_ref(key, name, twin.version) if twin else None
 
     def published(self, keys: list[UserKey]) -> dict[UserKey, Published | None]:
-        """What is published for many users, from one search of registered models per
-        NAMES_PER_SEARCH users: None for a user whose index is missing or stale (ask `find` and
-        `resolve` for that one)."""
+        """What is published for many users, from one search of registered models per batch of
+        names: None for a user whose index is missing or stale (ask `find` and `resolve` for that one)."""
         out: dict[UserKey, Published | None] = {}
-        for start in range(0, len(keys), NAMES_PER_SEARCH):
-            batch = {k.model_name(self.prefix): k for k in keys[start:start + NAMES_PER_SEARCH]}
+        for batch in self._name_batches(keys):
             names = ", ".join(f"'{n}'" for n in batch)
             models: dict[str, ModelRecord] = {}
             token: str | None = None
@@ -226,6 +225,21 @@ class Registry:
                     break
             out.update((k, read_index(k, models.get(n))) for n, k in batch.items())
         return out
+
+    def _name_batches(self, keys: list[UserKey]) -> Iterator[dict[str, UserKey]]:
+        """Model names to keys, in batches of at most NAMES_PER_SEARCH names and FILTER_CHARS of
+        filter (a search over REST is a GET: its filter travels in the request line)."""
+        batch: dict[str, UserKey] = {}
+        chars = 0
+        for key in keys:
+            name = key.model_name(self.prefix)
+            if batch and (len(batch) == NAMES_PER_SEARCH or chars + len(name) + 4 > FILTER_CHARS):
+                yield batch
+                batch, chars = {}, 0
+            batch[name] = key
+            chars += len(name) + 4
+        if batch:
+            yield batch
 
     def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:
         """A fresh read of one version, aliases included (searches do not report aliases)."""

@@ -40,6 +40,17 @@ def test_bulk_read_lists_each_users_versions_production_and_unknown_users(
     assert unknown is not None and unknown.versions == () and unknown.production is None
 
 
+def test_long_user_ids_are_read_in_batches_a_server_accepts(registry: Registry) -> None:
+    keys = [UserKey("idx", f"{'long-' * 38}{i:02d}") for i in range(24)]  # 24 × ~210 characters of filter
+    for key in keys:
+        _publish(registry, key, "d1")
+    batches = list(registry._name_batches(keys))
+    assert len(batches) > 1 and [k for b in batches for k in b.values()] == keys
+    assert all(len(", ".join(f"'{n}'" for n in b)) <= registry_module.FILTER_CHARS for b in batches)
+    found = registry.published(keys)
+    assert all(found[k] is not None and [v.version for v in found[k].versions] == [1] for k in keys)
+
+
 def test_an_index_behind_the_newest_version_is_not_trusted(registry: Registry) -> None:
     key = UserKey("idx", "stale")
     _publish(registry, key, "d1")
