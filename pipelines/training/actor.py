@@ -87,8 +87,9 @@ class UserTrainer:
                 self._done()
                 continue
             try:
-                self.publisher.check_not_forgotten(user.key, context)
                 task = self.planner.decide(user, context, published.get(user.key))
+                if isinstance(task, UserTask):  # a skip writes nothing: only users to train are checked
+                    self.publisher.check_not_forgotten(user.key, context)
                 with self.lock:
                     self.counts["chunk_planned"] += 1
                 if not isinstance(task, UserTask) or context.dry_run:
