@@ -14,42 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from safetensors.numpy import save
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures: the counting catalog
 
-from prefixfleet.pipelines.training.data import UserData
-from prefixfleet.pipelines.training.plan import JobContext, Planner, Skip
-from prefixfleet.registry import Registry, UserKey
-from prefixfleet.workers import artifact_format
-from prefixfleet.workers.data import Example
-from prefixfleet.workers.spec import PrefixSpec, TrainConfig
+import numpy as np  # noqa: E402
+from safetensors.numpy import save  # noqa: E402
+
+from prefixfleet.pipelines.training.data import UserData  # noqa: E402
+from prefixfleet.pipelines.training.plan import JobContext, Planner, Skip  # noqa: E402
+from prefixfleet.registry import Registry, UserKey  # noqa: E402
+from prefixfleet.workers import artifact_format  # noqa: E402
+from prefixfleet.workers.data import Example  # noqa: E402
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig  # noqa: E402
+from tests.fixtures.counting import CountingCatalog  # noqa: E402
 
 BACKBONE_FP = "bench-backbone"
 SPEC, CONFIG = PrefixSpec(), TrainConfig(steps=2)
-
-
-class CountingCatalog:
-    """The real catalog, every call counted."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.calls = inner, Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return attr(*args, **kwargs)
-        return counted
 
 
 def users(count: int) -> list[UserData]:

@@ -4,8 +4,6 @@ cannot be trusted is looked up on its own."""
 from __future__ import annotations
 
 import json
-from collections import Counter
-from typing import Any
 
 import pytest
 
@@ -16,26 +14,10 @@ from prefixfleet.registry.index import PUBLISHED
 from prefixfleet.workers.data import Example
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from tests.fixtures.artifacts import make_artifact
+from tests.fixtures.counting import CountingCatalog
 
 BACKBONE_FP = "backbone-bulk"
 SPEC, CONFIG = PrefixSpec(), TrainConfig(steps=2)
-
-
-class CountingCatalog:
-    """Passes every call to the real catalog and counts it by operation."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.calls = inner, Counter()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls[name] += 1
-            return attr(*args, **kwargs)
-        return counted
 
 
 def _user(i: int, text: str = "hello") -> UserData:
