@@ -115,17 +115,13 @@ class Planner:
         """Users whose data is unchanged since production are skipped whatever the settings."""
         key = user.key
         if published is not None and published.complete:
-            if published.production is None:
-                return self._trained(user, context.spec, context, published) \
-                    or task_for(user, context.spec, reason="no production prefix yet")
-            indexed = published.version(published.production)
+            indexed = None if published.production is None else published.version(published.production)
             if indexed is not None and (indexed.backbone_fingerprint, indexed.data_fingerprint) \
                     == (self.fingerprint, user.fingerprint) and indexed.run_id != context.run_id:
                 return Skip(key, f"data unchanged since production version {indexed.version}", indexed.version)
-        try:  # plan on what production is now, not on a cached resolution
-            production: VersionRef | None = self.registry.resolve(key, "production", fresh=True)
-        except NotFound:
-            production = None
+            production = None if published.production is None else self._production(key)
+        else:
+            production = self._production(key)
         if production is not None and production.backbone_fingerprint == self.fingerprint \
                 and production.data_fingerprint == user.fingerprint and production.run_id != context.run_id:
             return Skip(key, f"data unchanged since production version {production.version}", production.version)
@@ -141,3 +137,10 @@ class Planner:
             else:
                 warm, reason = None, f"production version {production.version} was trained on another backbone"
         return self._trained(user, spec, context, published) or task_for(user, spec, warm_start=warm, reason=reason)
+
+    def _production(self, key: UserKey) -> VersionRef | None:
+        """Production as it is now, not a cached resolution: a plan decides on it."""
+        try:
+            return self.registry.resolve(key, "production", fresh=True)
+        except NotFound:
+            return None
