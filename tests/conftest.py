@@ -6,7 +6,12 @@
   dummy AWS credentials are in the environment while they run.
 - `local_registry`: sqlite in-process + file:// store in a temp home (`local_registry_home`).
 - `server_registry`: the real servers, with its own model-name prefix and bucket folder.
-- `registry`: parametrized over both; the registry contract suite runs on each.
+- `postgres`: a real PostgreSQL server (Debian's package, a private cluster on 127.0.0.1);
+  `postgres.database()` is a fresh database with MLflow's schema.
+- `pg_mlflow_server`: a real `mlflow server --workers 2` on a PostgreSQL database.
+- `postgres_registry` / `pg_server_registry`: MLflow on PostgreSQL in-process / behind that
+  server, artifacts in the S3-compatible server.
+- `registry`: parametrized over all four; the registry contract suite runs on each.
 - `make_server_registry()`: a factory for more isolated server registries.
 - `local_env` / `server_env`: set PREFIXFLEET_HOME / MLFLOW_TRACKING_URI, PREFIXFLEET_STORE,
   AWS_ENDPOINT_URL and PREFIXFLEET_MODEL_PREFIX so that `Registry.from_env()` (and the CLI)
@@ -29,33 +34,48 @@ import pytest
 
 from prefixfleet.registry import Registry
 from tests.fixtures import servers
+from tests.fixtures.postgres import PostgresServer
 
 if TYPE_CHECKING:
     from tests.fixtures.backbones import TinyBackbones
 
 _SERVER_FIXTURES = {"mlflow_server", "mlflow_server_uri", "s3_endpoint", "s3_bucket", "server_registry",
                     "make_server_registry", "server_env"}
-_LAUNCHED = pytest.StashKey[dict[str, servers.ServerProcess]]()
+_POSTGRES_FIXTURES = {"postgres", "pg_mlflow_server", "postgres_registry", "pg_server_registry"}
+_REGISTRY_ON_SERVERS = ("servers", "postgres", "pg-servers")
+_LAUNCHED = pytest.StashKey[dict[str, "servers.ServerProcess | PostgresServer"]]()
+
+
+def _registry_param(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("registry") if callspec is not None else None
 
 
 def _needs_servers(item: pytest.Item) -> bool:
     names = set(getattr(item, "fixturenames", ()))
-    callspec = getattr(item, "callspec", None)
-    return bool(names & _SERVER_FIXTURES) or (
-        "registry" in names and callspec is not None and callspec.params.get("registry") == "servers")
+    return bool(names & (_SERVER_FIXTURES | _POSTGRES_FIXTURES)) or _registry_param(item) in _REGISTRY_ON_SERVERS
+
+
+def _needs_postgres(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    return bool(names & _POSTGRES_FIXTURES) or _registry_param(item) in ("postgres", "pg-servers")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Launch the servers now, without waiting, so they boot while the first tests run."""
-    launched: dict[str, servers.ServerProcess] = {}
+    launched: dict[str, servers.ServerProcess | PostgresServer] = {}
     session.config.stash[_LAUNCHED] = launched
-    if not session.config.option.collectonly and any(_needs_servers(item) for item in session.items):
+    if session.config.option.collectonly:
+        return
+    if any(_needs_postgres(item) for item in session.items):
+        launched["postgres"] = PostgresServer.launch()
+    if any(_needs_servers(item) for item in session.items):
         root = Path(tempfile.mkdtemp(prefix="prefixfleet-servers-"))
         launched["mlflow"] = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True,
                                                           template_db=_template_path(session.config))
         launched["s3"] = servers.launch_s3_server(root / "s3", owns_workdir=True)
-        for server in launched.values():
-            session.config.add_cleanup(server.stop)
+    for server in launched.values():
+        session.config.add_cleanup(server.stop)
 
 
 def _template_path(config: pytest.Config) -> Path:
@@ -68,10 +88,29 @@ def _server(config: pytest.Config, kind: str, tmp_path_factory: pytest.TempPathF
     launched = config.stash.setdefault(_LAUNCHED, {})
     if kind not in launched:
         workdir = tmp_path_factory.mktemp(kind)
-        launched[kind] = (servers.launch_mlflow_server(workdir, template_db=_template_path(config)) if kind == "mlflow"
-                          else servers.launch_s3_server(workdir))
+        if kind == "mlflow":
+            launched[kind] = servers.launch_mlflow_server(workdir, template_db=_template_path(config))
+        elif kind == "pg-mlflow":
+            backend = _postgres(config).database()
+            launched[kind] = servers.launch_mlflow_server(workdir, workers=2, backend_uri=backend)
+        else:
+            launched[kind] = servers.launch_s3_server(workdir)
         config.add_cleanup(launched[kind].stop)
-    return launched[kind].wait()
+    server = launched[kind]
+    assert isinstance(server, servers.ServerProcess)
+    return server.wait()
+
+
+def _postgres(config: pytest.Config) -> PostgresServer:
+    launched = config.stash.setdefault(_LAUNCHED, {})
+    if "postgres" not in launched:
+        launched["postgres"] = PostgresServer.launch()
+        config.add_cleanup(launched["postgres"].stop)
+    server = launched["postgres"]
+    assert isinstance(server, PostgresServer)
+    server.wait()
+    server.migrate_template()
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -139,9 +178,36 @@ def server_registry(make_server_registry: Callable[..., Registry]) -> Registry:
     return make_server_registry()
 
 
-@pytest.fixture(params=["local", pytest.param("servers", marks=pytest.mark.servers)])
+@pytest.fixture(scope="session")
+def postgres(request: pytest.FixtureRequest) -> PostgresServer:
+    return _postgres(request.config)
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> servers.ServerProcess:
+    return _server(request.config, "pg-mlflow", tmp_path_factory)
+
+
+@pytest.fixture
+def postgres_registry(postgres: PostgresServer, s3_endpoint: str, s3_bucket: str) -> Iterator[Registry]:
+    """MLflow's SQL store on a fresh PostgreSQL database, in this process; artifacts in S3."""
+    with servers.make_server_registry(postgres.database(), s3_endpoint, s3_bucket) as reg:
+        yield reg
+
+
+@pytest.fixture
+def pg_server_registry(pg_mlflow_server: servers.ServerProcess, s3_endpoint: str, s3_bucket: str) -> Iterator[Registry]:
+    with servers.make_server_registry(pg_mlflow_server.url, s3_endpoint, s3_bucket) as reg:
+        yield reg
+
+
+_REGISTRY_FIXTURES = {"local": "local_registry", "servers": "server_registry", "postgres": "postgres_registry",
+                      "pg-servers": "pg_server_registry"}
+
+
+@pytest.fixture(params=["local", *(pytest.param(p, marks=pytest.mark.servers) for p in _REGISTRY_ON_SERVERS)])
 def registry(request: pytest.FixtureRequest) -> Registry:
-    return request.getfixturevalue("local_registry" if request.param == "local" else "server_registry")
+    return request.getfixturevalue(_REGISTRY_FIXTURES[request.param])
 
 
 @pytest.fixture

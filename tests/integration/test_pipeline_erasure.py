@@ -30,7 +30,8 @@ def spellings(key: UserKey) -> list[str]:
 def leftovers(registry: Registry, server_dir: Path, key: UserKey) -> list[str]:
     """Where anything of `key` is still written: MLflow rows, job-run artifact files, S3 objects."""
     needles = spellings(key)
-    found = [f"mlflow table {table}: {row}" for table, row in rows_mentioning(server_dir / "mlflow.db", needles)]
+    rows = rows_mentioning(f"sqlite:///{server_dir / 'mlflow.db'}", needles)
+    found = [f"mlflow table {table}: {row}" for table, row in rows]
     for path in (server_dir / "artifacts").rglob("*"):
         if path.is_file() and any(n.encode() in path.read_bytes() for n in needles):
             found.append(f"job-run artifact {path.relative_to(server_dir)}")
