@@ -162,12 +162,12 @@ class Registry:
     def _create_version(self, key: UserKey, name: str, uri: str, tags: dict[str, str], artifact: bytes,
                         known: frozenset[str]) -> VersionRecord:
         try:
-            return self.catalog.create_version(name, uri, tags)
+            return self.catalog.create_version(name, uri, tags, tags.get(refs.RUN_ID, ""))
         except Missing:  # deleted since our create: by a forget, or by a publish undoing itself after one
             self._refuse_forgotten(key, known)
             self.catalog.create_model(name, refs.model_tags(key))
             self.store.put(key.object_key(tags[refs.SHA256]), artifact)  # a racing undo may have taken it
-            return self.catalog.create_version(name, uri, tags)
+            return self.catalog.create_version(name, uri, tags, tags.get(refs.RUN_ID, ""))
 
     def _refuse_forgotten(self, key: UserKey, known: frozenset[str]) -> None:
         if self.tombstones.forgotten_since(key, known):

@@ -89,8 +89,9 @@ class Catalog(ABC):
     def set_model_tag(self, name: str, key: str, value: str) -> None: ...
 
     @abstractmethod
-    def create_version(self, name: str, source: str, tags: dict[str, str]) -> VersionRecord:
-        """A new version numbered max+1; raise Missing if the model does not exist."""
+    def create_version(self, name: str, source: str, tags: dict[str, str], run_id: str = "") -> VersionRecord:
+        """A new version numbered max+1, linked to MLflow run `run_id` if given (MLflow's own field,
+        which the UI links); raise Missing if the model does not exist."""
 
     @abstractmethod
     def get_version(self, name: str, version: int) -> VersionRecord | None: ...

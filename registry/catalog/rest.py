@@ -113,8 +113,10 @@ class RestCatalog(Catalog):
     def set_model_tag(self, name: str, key: str, value: str) -> None:
         self._call("POST", "registered-models/set-tag", {"name": name, "key": key, "value": value})
 
-    def create_version(self, name: str, source: str, tags: dict[str, str]) -> VersionRecord:
+    def create_version(self, name: str, source: str, tags: dict[str, str], run_id: str = "") -> VersionRecord:
         body = {"name": name, "source": source, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+        if run_id:
+            body["run_id"] = run_id
         return _version(self._call("POST", "model-versions/create", body)["model_version"])
 
     def get_version(self, name: str, version: int) -> VersionRecord | None:

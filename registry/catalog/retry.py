@@ -66,8 +66,8 @@ class RetryingCatalog(Catalog):
     def set_model_tag(self, name: str, key: str, value: str) -> None:
         self._run("set_model_tag", lambda: self.inner.set_model_tag(name, key, value))
 
-    def create_version(self, name: str, source: str, tags: dict[str, str]) -> VersionRecord:
-        return self._run("create_version", lambda: self.inner.create_version(name, source, tags))
+    def create_version(self, name: str, source: str, tags: dict[str, str], run_id: str = "") -> VersionRecord:
+        return self._run("create_version", lambda: self.inner.create_version(name, source, tags, run_id))
 
     def get_version(self, name: str, version: int) -> VersionRecord | None:
         return self._run("get_version", lambda: self.inner.get_version(name, version))

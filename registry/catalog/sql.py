@@ -94,8 +94,9 @@ class SqlCatalog(Catalog):
     def set_model_tag(self, name: str, key: str, value: str) -> None:
         self._do("set_registered_model_tag", name, RegisteredModelTag(key, value))
 
-    def create_version(self, name: str, source: str, tags: dict[str, str]) -> VersionRecord:
-        mv = self._do("create_model_version", name, source, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
+    def create_version(self, name: str, source: str, tags: dict[str, str], run_id: str = "") -> VersionRecord:
+        mv = self._do("create_model_version", name, source, run_id=run_id or None,
+                      tags=[ModelVersionTag(k, v) for k, v in tags.items()])
         return _version(mv)
 
     def get_version(self, name: str, version: int) -> VersionRecord | None:

@@ -65,6 +65,8 @@ def test_train_rerun_retrain_gate_rollback(backbone: str, server_env: dict[str, 
         for u in users:
             ref = current(registry, key[u])
             assert ref.run_id == first.job_id and ref.version == 1 and "candidate" in ref.aliases
+            linked = MlflowClient(registry.tracking_uri).get_model_version(key[u].model_name(folder), "1")
+            assert linked.run_id == first.job_id  # the MLflow UI's link from the version to its job run
         run = MlflowClient(registry.tracking_uri).get_run(first.job_id)
         assert run.info.status == "FINISHED" and run.data.metrics["users_promoted"] == USERS
         artifacts = {a.path for a in MlflowClient(registry.tracking_uri).list_artifacts(first.job_id)}

@@ -1,4 +1,5 @@
-"""The registry contract, run on (a) sqlite in-process + file:// and (b) a real mlflow server + S3."""
+"""The registry contract, run on sqlite and PostgreSQL, each in-process and behind a real mlflow
+server (artifacts in files for sqlite in-process, else in S3)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from prefixfleet.registry import (
     IntegrityError,
@@ -47,6 +49,16 @@ def test_publish_records_everything_and_fetch_returns_the_same_bytes(registry):
     payload = resolved.to_json()
     assert GET_JSON_FIELDS <= payload.keys()
     json.dumps(payload)
+
+
+def test_a_version_names_its_job_run_in_mlflow_s_own_field(registry):
+    """MLflow's UI links a version to its run through the version's run_id field."""
+    publish(registry, run_id="0123456789abcdef0123456789abcdef")
+    publish(registry, data="data-2")
+    client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+    name = ALICE.model_name(registry.prefix)
+    assert client.get_model_version(name, "1").run_id == "0123456789abcdef0123456789abcdef"
+    assert not client.get_model_version(name, "2").run_id
 
 
 def test_unknown_user_alias_and_version_are_not_found_by_name(registry):
