@@ -19,7 +19,8 @@ BACKBONE, DATA, SPEC = TAG + "backbone_fingerprint", TAG + "data_fingerprint", T
 RUN_ID, CREATED_AT = TAG + "run_id", TAG + "created_at"
 IDENTITY = TAG + "identity"  # hash of (data fingerprint, spec, backbone, settings): exactly-once key
 SETTINGS = TAG + "settings"  # the training settings (absent on versions written before they were recorded)
-ALIAS_REQUEST = TAG + "alias_request"  # the alias its publish asked for
+ALIAS_REQUEST = TAG + "alias_request"  # the aliases its publish asked for, comma-separated
+PROMOTED_OVER = TAG + "promoted_over"  # the production version a publish that promoted it replaced
 PUBLISH_TOKEN = TAG + "publish_token"  # one per publish call: tells its own retried creates from others'
 METRIC, USER_TAG = TAG + "metric.", TAG + "tag."
 MODEL_NAMESPACE, MODEL_USER = TAG + "namespace", TAG + "user_id"
@@ -43,7 +44,7 @@ def _check_name(kind: str, name: str) -> str:
 
 
 def version_tags(header: ArtifactHeader, sha256: str, size: int, *,
-                 metrics: dict[str, float] | None, run_id: str | None, alias: str | None,
+                 metrics: dict[str, float] | None, run_id: str | None, aliases: list[str],
                  tags: dict[str, str] | None) -> dict[str, str]:
     """The MLflow tags of a new version; raises ValueError on a bad metric or tag name."""
     out = {
@@ -55,8 +56,8 @@ def version_tags(header: ArtifactHeader, sha256: str, size: int, *,
         out[SETTINGS] = canonical_json(header.settings)
     if run_id:
         out[RUN_ID] = run_id
-    if alias:
-        out[ALIAS_REQUEST] = alias
+    if aliases:
+        out[ALIAS_REQUEST] = ",".join(aliases)
     out.update({METRIC + _check_name("metric", k): repr(float(v)) for k, v in (metrics or {}).items()})
     out.update({USER_TAG + _check_name("tag", k): str(v) for k, v in (tags or {}).items()})
     return out
@@ -64,6 +65,11 @@ def version_tags(header: ArtifactHeader, sha256: str, size: int, *,
 
 def model_tags(key: UserKey) -> dict[str, str]:
     return {MODEL_NAMESPACE: key.namespace, MODEL_USER: key.user_id}
+
+
+def requested(rec: VersionRecord) -> set[str]:
+    """The aliases a version's publish asked for."""
+    return set(filter(None, rec.tags.get(ALIAS_REQUEST, "").split(",")))
 
 
 def version_list(tags: dict[str, str], tag: str = PRODUCTION_HISTORY) -> list[int]:

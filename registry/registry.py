@@ -19,15 +19,15 @@ from prefixfleet.registry.erasure import ERASURE_DIR, ErasureSnapshot, Forgotten
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
 from prefixfleet.registry.home import home_dir
-from prefixfleet.registry.index import PUBLISHED, Published, index_tag, read_index
+from prefixfleet.registry.index import INDEX, LISTED, Published, index_after, index_of, read_index, trusted
 from prefixfleet.registry.keys import UserKey, check_namespace, check_prefix
 from prefixfleet.registry.refs import ForgetReceipt, VersionRef
 from prefixfleet.registry.store import FileStore, open_store
 
-RECENT = 20  # versions read back after a publish to settle twins and the alias (and indexed)
 NAMES_PER_SEARCH = 100  # users per bulk read
 FILTER_CHARS = 3000  # of its filter: servers refuse request lines past about 4 KiB
 _SETTLE_ROUNDS = 20
+_HISTORY = 100  # production versions remembered for rollback
 
 
 @dataclass(frozen=True)
@@ -107,57 +107,87 @@ class Registry:
     # ---- publishing -------------------------------------------------------------------------
 
     def publish(self, key: UserKey, artifact: bytes, *, metrics: dict[str, float] | None = None,
-                run_id: str | None = None, alias: str | None = "candidate",
-                tags: dict[str, str] | None = None, erasures: ErasureSnapshot | None = None) -> VersionRef:
-        """Store `artifact` as a new version of `key` and point `alias` at it.
+                run_id: str | None = None, alias: str | None = "candidate", promote: bool = False,
+                tags: dict[str, str] | None = None, erasures: ErasureSnapshot | None = None,
+                published: Published | None = None) -> VersionRef:
+        """Store `artifact` as a new version of `key` and point `alias` at it; `promote`: production
+        too, recorded for rollback (it goes back to the production this one replaced).
 
         Exactly once: when a version of this user already has the artifact's (data fingerprint,
         spec, backbone fingerprint), that version is returned and nothing is created; concurrent
         retries that race past the check keep the oldest version and delete their own.
-        Concurrent publishes leave `alias` on the newest version that asked for it.
+        Concurrent publishes leave each alias on the newest version that asked for it.
         Erasure: a user forgotten after `erasures` was taken (a job's start; without one, this
         call's start) raises Forgotten, and whatever this call wrote is removed again.
+        `published`: what a bulk read (`published()`) said of this user, as a job's plan has it.
+        For a returning user it stands in for the exactly-once check, and the publish is one
+        create, its alias writes and one read back, unless another publish overtook the read.
         """
         header = read_header(artifact)
         header.check_binding(key)
-        if alias is not None:
-            refs.check_alias(alias)
+        aliases = list(dict.fromkeys([*([alias] if alias else []), *([refs.PRODUCTION] if promote else [])]))
+        for name in aliases:
+            refs.check_alias(name)
         if self.tracking_uri.startswith(("http://", "https://")) and isinstance(self.store, FileStore):
             raise RegistryError("an MLflow server does not register file:// artifacts; "
                                 "set PREFIXFLEET_STORE to s3://bucket/prefix")
         known = self.tombstones.known(key, erasures)
         sha256 = hashlib.sha256(artifact).hexdigest()
         tags_ = refs.version_tags(header, sha256, len(artifact), metrics=metrics, run_id=run_id,
-                                  alias=alias, tags=tags)
+                                  aliases=aliases, tags=tags)
         token = tags_[refs.PUBLISH_TOKEN] = uuid.uuid4().hex
         name = key.model_name(self.prefix)
         try:
-            ref = self._publish(key, name, artifact, tags_, alias, known)
+            ref = self._publish(key, name, artifact, tags_, aliases, known, published)
         except (Missing, Forgotten):  # the model went away under us: only a forget deletes one
             self._undo_if_forgotten(key, name, sha256, token, known)
             raise
         self._undo_if_forgotten(key, name, sha256, token, known)
         return ref
 
-    def _publish(self, key: UserKey, name: str, artifact: bytes, tags: dict[str, str], alias: str | None,
-                 known: frozenset[str]) -> VersionRef:
-        created = self.catalog.create_model(name, refs.model_tags(key))
-        if not created and (twin := self._oldest_twin(name, tags[refs.IDENTITY])):
-            return self._exact_ref(key, name, twin.version)
+    def _publish(self, key: UserKey, name: str, artifact: bytes, tags: dict[str, str], aliases: list[str],
+                 known: frozenset[str], published: Published | None) -> VersionRef:
+        ident = tags[refs.IDENTITY]
+        planned = published is not None and published.latest > 0 and published.oldest(ident) is None
+        if planned:
+            assert published is not None
+            if not published.complete and (twin := self._oldest_twin(name, ident)):  # beyond what it lists
+                return self._exact_ref(key, name, twin.version)
+            tags[INDEX] = index_after(published)
+            if refs.PRODUCTION in aliases and published.production is not None:
+                tags[refs.PROMOTED_OVER] = str(published.production)
+        else:
+            created = self.catalog.create_model(name, refs.model_tags(key))
+            if not created and (twin := self._oldest_twin(name, ident)):
+                return self._exact_ref(key, name, twin.version)
         object_key = key.object_key(tags[refs.SHA256])
         self.store.put(object_key, artifact)
         mine = self._create_version(key, name, self.store.uri_for(object_key), tags, artifact, known)
         try:
-            kept, aliased = self._settle(name, mine, alias)
+            if planned and published is not None and mine.version == published.latest + 1 \
+                    and self._aliased_at_once(name, mine, aliases):
+                kept, aliased = mine, aliases
+            else:
+                kept, aliased = self._settle(name, mine, aliases)
         finally:
             self._resolutions.invalidate(name)
         if kept.version != mine.version:
             if kept.tags[refs.SHA256] != tags[refs.SHA256]:
                 self.store.delete(object_key)
             return self._exact_ref(key, name, kept.version)
-        if aliased and alias == refs.PRODUCTION:
-            self._record_production(name)
-        return VersionRef.from_record(key, kept, aliases=[alias] if aliased and alias else [])
+        return VersionRef.from_record(key, kept, aliases=aliased)
+
+    def _aliased_at_once(self, name: str, mine: VersionRecord, aliases: list[str]) -> bool:
+        """Point `aliases` at `mine`, created right after what the plan read, then read the model
+        once: when nothing newer exists and every alias names `mine`, the publish is settled (no
+        twin can be older, and a later writer reads after its own write)."""
+        if not aliases:
+            return True
+        for alias in aliases:
+            self.catalog.set_alias(name, alias, mine.version)
+        model = self.catalog.get_model(name)
+        return model is not None and model.latest == mine.version and all(
+            model.aliases.get(a) == mine.version for a in aliases)
 
     def _create_version(self, key: UserKey, name: str, uri: str, tags: dict[str, str], artifact: bytes,
                         known: frozenset[str]) -> VersionRecord:
@@ -253,26 +283,30 @@ class Registry:
             f"name = '{name}' AND tags.`{refs.IDENTITY}` = '{ident}'", order_by="version_number ASC", max_results=1)
         return found[0] if found else None
 
-    def _settle(self, name: str, mine: VersionRecord, alias: str | None) -> tuple[VersionRecord, bool]:
-        """After creating `mine`: find its oldest twin (same identity) and leave `alias` on the
-        newest surviving version that asked for it. Whoever writes the alias reads the versions
-        again and corrects the alias until the read agrees with its last write, so the last
-        writer always leaves the newest requester and no concurrent update is lost. Deletes
-        `mine` if it is a younger twin, and any version an earlier attempt of this publish created
-        (a create whose response was lost: same publish token), then writes the published index
-        from its last read. Returns (kept version, whether the alias is on it)."""
+    def _settle(self, name: str, mine: VersionRecord, aliases: list[str]) -> tuple[VersionRecord, list[str]]:
+        """After creating `mine`: find its oldest twin (same identity) and leave each alias on the
+        newest surviving version that asked for it. Whoever writes an alias reads the versions
+        again and corrects it until the read agrees with its last write, so the last writer always
+        leaves the newest requester and no concurrent update is lost. Deletes `mine` if it is a
+        younger twin, and any version an earlier attempt of this publish created (a create whose
+        response was lost: same publish token), then writes the newest version's index from a
+        read that saw all below it, unless it is trusted already (a racing publish may have
+        deleted the newest this one saw: whoever deletes last reads again). Returns (kept
+        version, the aliases left on it)."""
         ident, token = mine.tags[refs.IDENTITY], mine.tags[refs.PUBLISH_TOKEN]
-        written: int | None = None
-        if alias:
+        if refs.PRODUCTION in aliases:
+            self._note_replaced(name, mine)
+        written: dict[str, int] = {}
+        for alias in aliases:
             self.catalog.set_alias(name, alias, mine.version)
-            written = mine.version
+            written[alias] = mine.version
         kept: VersionRecord | None = None
         leftovers: set[int] = set()
         recent: list[VersionRecord] = []
         more: str | None = None
         for _ in range(_SETTLE_ROUNDS):
             recent, more = self.catalog.search_versions(
-                f"name = '{name}'", order_by="version_number DESC", max_results=RECENT)
+                f"name = '{name}'", order_by="version_number DESC", max_results=LISTED)
             oldest: dict[str, int] = {}
             for v in reversed(recent):
                 oldest.setdefault(v.tags.get(refs.IDENTITY, ""), v.version)
@@ -281,24 +315,42 @@ class Registry:
                 if more and (older := self._oldest_twin(name, ident)) and older.version < kept.version:
                     kept = older  # the page was full: a twin may lie beyond it
                 leftovers = {v.version for v in recent if v.tags.get(refs.PUBLISH_TOKEN) == token
-                           and v.version not in (kept.version, mine.version)}
-            if not alias:
-                break
+                             and v.version not in (kept.version, mine.version)}
             lost = kept.version != mine.version
-            wanted = max((v.version for v in recent if v.tags.get(refs.ALIAS_REQUEST) == alias
-                          and oldest[v.tags.get(refs.IDENTITY, "")] == v.version
-                          and not (lost and v.version == mine.version)), default=None)
-            if wanted is None or wanted == written:
+            stale = {}
+            for alias in aliases:
+                wanted = max((v.version for v in recent if alias in refs.requested(v)
+                              and oldest[v.tags.get(refs.IDENTITY, "")] == v.version
+                              and not (lost and v.version == mine.version)), default=None)
+                if wanted is not None and wanted != written[alias]:
+                    stale[alias] = wanted
+            if not stale:
                 break
-            self.catalog.set_alias(name, alias, wanted)
-            written = wanted
+            for alias, wanted in stale.items():
+                self.catalog.set_alias(name, alias, wanted)
+                written[alias] = wanted
         kept = kept or mine
         deleted = leftovers | ({mine.version} - {kept.version})
         for version in sorted(deleted):
             self._delete_version(name, version)
-        self.catalog.set_model_tag(name, PUBLISHED, index_tag([v for v in recent if v.version not in deleted],
-                                                              complete=not more))
-        return kept, written == kept.version
+        if deleted:  # read again: racing publishes may have deleted theirs too
+            recent, more = self.catalog.search_versions(
+                f"name = '{name}'", order_by="version_number DESC", max_results=LISTED)
+        if recent and not trusted(recent[0]):
+            try:
+                self.catalog.set_version_tag(name, recent[0].version, INDEX,
+                                             index_of(recent, recent[0].version, complete=not more))
+            except Missing:
+                pass  # a racing publish deleted it as a twin: it reads again after deleting
+        return kept, [a for a in aliases if written[a] == kept.version]
+
+    def _note_replaced(self, name: str, mine: VersionRecord) -> None:
+        """Record on `mine` the production it is about to replace, as read now (what a plan
+        knew may have been overtaken), for the production history."""
+        model = self.catalog.get_model(name)
+        current = model.aliases.get(refs.PRODUCTION) if model else None
+        if current is not None and current != mine.version and mine.tags.get(refs.PROMOTED_OVER) != str(current):
+            self.catalog.set_version_tag(name, mine.version, refs.PROMOTED_OVER, str(current))
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -449,13 +501,19 @@ class Registry:
         rec = self.catalog.get_version(name, version)
         if rec is None:
             raise self._not_found(key, name, version)
+        model = self.catalog.get_model(name) if alias == refs.PRODUCTION else None
         try:
             self.catalog.set_alias(name, alias, version)
-            if alias == refs.PRODUCTION:
-                self._record_production(name)
+            if model is not None:
+                self._record_production(name, self._production_history(name, model))
         finally:
             self._resolutions.invalidate(name)
         return VersionRef.from_record(key, rec, alias=alias, aliases=[*rec.aliases, alias])
+
+    def production_history(self, key: UserKey) -> list[int]:
+        """The versions production has named, oldest first, ending at production ([] for none)."""
+        model = self.catalog.get_model(key.model_name(self.prefix))
+        return self._production_history(key.model_name(self.prefix), model) if model else []
 
     def rollback(self, key: UserKey) -> VersionRef:
         """Move production back to the production version before the current one."""
@@ -466,7 +524,7 @@ class Registry:
         current = model.aliases.get(refs.PRODUCTION)
         if current is None:
             raise self._not_found(key, name, refs.PRODUCTION)
-        history = refs.version_list(model.tags)
+        history = self._production_history(name, model)
         while history and history[-1] == current:
             history.pop()
         while history and self.catalog.get_version(name, history[-1]) is None:
@@ -482,17 +540,33 @@ class Registry:
             self._resolutions.invalidate(name)
         return self.resolve(key, refs.PRODUCTION)
 
-    def _record_production(self, name: str) -> None:
-        """End the production history with the version production names now. Written from a read
-        and read again until a read agrees, so concurrent promotes leave the history ending where
+    def _production_history(self, name: str, model: ModelRecord) -> list[int]:
+        """The history recorded on the model (by promotes and rollbacks), then the versions that
+        publishes promoted since, each found from the next by the production it replaced."""
+        recorded = refs.version_list(model.tags)
+        since: list[int] = []
+        current = model.aliases.get(refs.PRODUCTION)
+        while current is not None and len(since) < _HISTORY:
+            if current in recorded:
+                return (recorded[:len(recorded) - recorded[::-1].index(current)] + since[::-1])[-_HISTORY:]
+            since.append(current)
+            rec = self.catalog.get_version(name, current)
+            replaced = rec.tags.get(refs.PROMOTED_OVER, "") if rec else ""
+            current = int(replaced) if replaced.isdigit() else None
+        return (recorded + since[::-1])[-_HISTORY:]
+
+    def _record_production(self, name: str, before: list[int]) -> None:
+        """Record the production history as `before` (the history up to the production a promote
+        replaced) ending with the version production names now. Written from a read and read
+        again until a read agrees, so concurrent promotes leave the history ending where
         production is: the last writer reads its own write."""
         for _ in range(_SETTLE_ROUNDS):
             model = self.catalog.get_model(name)
             current = model.aliases.get(refs.PRODUCTION) if model else None
-            history = refs.version_list(model.tags) if model else []
-            if current is None or history[-1:] == [current]:
+            if model is None or current is None or refs.version_list(model.tags)[-1:] == [current]:
                 return
-            self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr((history + [current])[-100:]))
+            history = before if before[-1:] == [current] else before + [current]
+            self.catalog.set_model_tag(name, refs.PRODUCTION_HISTORY, repr(history[-_HISTORY:]))
 
     def forget(self, key: UserKey) -> ForgetReceipt:
         """Erase every version, alias, tag and artifact of the user (idempotent). A tombstone goes

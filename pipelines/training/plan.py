@@ -24,7 +24,8 @@ from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 class UserTask:
     """One user to train. Empty `eval`: a per-user hold-out is taken. `warm_start`: the version
     whose prefix training starts from (its spec is `spec`). `existing`: a version already trained
-    from this task's data, spec and settings: its gate is finished instead of training again."""
+    from this task's data, spec and settings: its gate is finished instead of training again.
+    `published`: what the plan's bulk read said of the user, which its publish builds on."""
 
     key: UserKey
     train: tuple[Example, ...]
@@ -34,6 +35,7 @@ class UserTask:
     warm_start: int | None = None
     reason: str = "new data"
     existing: int | None = None
+    published: Published | None = None
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ class Failure:
 
 
 def task_for(user: UserData, spec: PrefixSpec, *, warm_start: int | None = None, reason: str = "new data",
-             existing: int | None = None) -> UserTask:
-    return UserTask(user.key, tuple(user.train), tuple(user.eval), user.fingerprint, spec, warm_start, reason, existing)
+             existing: int | None = None, published: Published | None = None) -> UserTask:
+    return UserTask(user.key, tuple(user.train), tuple(user.eval), user.fingerprint, spec, warm_start, reason,
+                    existing, published)
 
 
 class Planner:
@@ -94,7 +97,8 @@ class Planner:
         try:
             if context.kind == "retrain":
                 return self._retrain(user, context, published)
-            return self._trained(user, context.spec, context, published) or task_for(user, context.spec)
+            return self._trained(user, context.spec, context, published) or task_for(
+                user, context.spec, published=published)
         except Unavailable:
             raise
         except RegistryError as exc:
@@ -136,7 +140,8 @@ class Planner:
                 warm, reason = production.version, f"data changed since production version {production.version}"
             else:
                 warm, reason = None, f"production version {production.version} was trained on another backbone"
-        return self._trained(user, spec, context, published) or task_for(user, spec, warm_start=warm, reason=reason)
+        return self._trained(user, spec, context, published) or task_for(user, spec, warm_start=warm, reason=reason,
+                                                                         published=published)
 
     def _production(self, key: UserKey) -> VersionRef | None:
         """Production as it is now, not a cached resolution: a plan decides on it."""

@@ -2,8 +2,9 @@
 
 A version reaches the gate in one of two ways, and both take the same step: judged on the
 candidate's eval split against the bare backbone and production, promoted when it wins. Fresh
-from training, or published before (by this job before a crash, or by an earlier job that stopped
-between publish and promote), in which case its gate is finished here instead of training again.
+from training (gated first, then published with its aliases in one publish), or published before
+(by this job before a crash, or by an earlier job that stopped before its publish had set
+production), in which case its gate is finished here instead of training again.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prefixfleet.pipelines.training.gate import Verdict, judge
 from prefixfleet.pipelines.training.outcome import Outcome
 from prefixfleet.pipelines.training.plan import JobContext, UserTask
 from prefixfleet.registry import Forgotten, NotFound, Registry, UserKey, VersionRef
+from prefixfleet.registry.refs import PRODUCTION
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
 from prefixfleet.workers.prefix import PrefixTensors
 from prefixfleet.workers.trainer import UserResult
@@ -73,7 +75,9 @@ class Publisher:
         return Production(ref, measure(self._tensors(ref)))
 
     def publish(self, task: UserTask, result: UserResult, production: Production, context: JobContext) -> Outcome:
-        """Publish a trained candidate with its losses, then gate it."""
+        """Gate a trained candidate on its losses, then publish it with them: as `candidate`, and
+        as `production` too when the gate passed, in one publish. Promoted means production is on
+        it: a newer version a concurrent publish promoted keeps production."""
         if not result.ok:
             return Outcome.failed(task.key, result.error or "training failed")
         meta = ArtifactMeta(task.key.namespace, task.key.user_id, task.spec, self.fingerprint, task.data_fingerprint,
@@ -81,13 +85,17 @@ class Publisher:
         metrics = result.metrics()
         if production.loss is not None:
             metrics["production_eval_loss"] = production.loss
+        verdict = judge(result.eval_loss, result.baseline_eval_loss, production.loss)
         ref = self.registry.publish(task.key, serialize(result.tensors, meta), metrics=metrics, run_id=context.run_id,
-                                    alias="candidate", erasures=context.erasures,
-                                    tags={"job": context.kind, "reason": task.reason, GATED_AGAINST: production.label})
-        verdict = self._gate(ref, result.eval_loss, result.baseline_eval_loss, production.loss)
+                                    alias="candidate", promote=verdict.promote, erasures=context.erasures,
+                                    tags={"job": context.kind, "reason": task.reason, GATED_AGAINST: production.label},
+                                    published=task.published)
+        promoted = PRODUCTION in ref.aliases
+        reason = verdict.reason if promoted or not verdict.promote else \
+            f"{verdict.reason}; a concurrent publish holds production"
         return Outcome(key=task.key, status="trained", version=ref.version, sha256=ref.sha256,
                        eval_loss=result.eval_loss, baseline_eval_loss=result.baseline_eval_loss,
-                       production_eval_loss=production.loss, promoted=verdict.promote, reason=verdict.reason,
+                       production_eval_loss=production.loss, promoted=promoted, reason=reason,
                        loss_curve=result.loss_curve)
 
     def finish_gate(self, task: UserTask, ref: VersionRef, context: JobContext, measure: Measure) -> Outcome:

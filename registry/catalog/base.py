@@ -61,6 +61,7 @@ class ModelRecord:
     tags: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
     latest: int = 0  # the newest live version (0: none); filled by gets and searches alike
+    latest_tags: dict[str, str] = field(default_factory=dict)  # that version's tags
 
     def aliases_of(self, version: int) -> list[str]:
         return sorted(a for a, v in self.aliases.items() if v == version)
@@ -92,6 +93,9 @@ class Catalog(ABC):
     def create_version(self, name: str, source: str, tags: dict[str, str], run_id: str = "") -> VersionRecord:
         """A new version numbered max+1, linked to MLflow run `run_id` if given (MLflow's own field,
         which the UI links); raise Missing if the model does not exist."""
+
+    @abstractmethod
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None: ...
 
     @abstractmethod
     def get_version(self, name: str, version: int) -> VersionRecord | None: ...

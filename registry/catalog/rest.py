@@ -48,8 +48,9 @@ def _version(js: dict[str, Any]) -> VersionRecord:
 
 def _model(js: dict[str, Any]) -> ModelRecord:
     aliases = {a["alias"]: int(a["version"]) for a in js.get("aliases", [])}
-    latest = max((int(v["version"]) for v in js.get("latest_versions", [])), default=0)
-    return ModelRecord(js["name"], _tags(js.get("tags")), aliases, latest)
+    newest = max(js.get("latest_versions", []), key=lambda v: int(v["version"]), default=None)
+    return ModelRecord(js["name"], _tags(js.get("tags")), aliases, int(newest["version"]) if newest else 0,
+                       _tags(newest.get("tags")) if newest else {})
 
 
 class RestCatalog(Catalog):
@@ -118,6 +119,9 @@ class RestCatalog(Catalog):
         if run_id:
             body["run_id"] = run_id
         return _version(self._call("POST", "model-versions/create", body)["model_version"])
+
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._call("POST", "model-versions/set-tag", {"name": name, "version": str(version), "key": key, "value": value})
 
     def get_version(self, name: str, version: int) -> VersionRecord | None:
         try:

@@ -69,6 +69,9 @@ class RetryingCatalog(Catalog):
     def create_version(self, name: str, source: str, tags: dict[str, str], run_id: str = "") -> VersionRecord:
         return self._run("create_version", lambda: self.inner.create_version(name, source, tags, run_id))
 
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._run("set_version_tag", lambda: self.inner.set_version_tag(name, version, key, value))
+
     def get_version(self, name: str, version: int) -> VersionRecord | None:
         return self._run("get_version", lambda: self.inner.get_version(name, version))
 

@@ -51,8 +51,9 @@ def _version(mv: ModelVersion) -> VersionRecord:
 
 
 def _model(rm: RegisteredModel) -> ModelRecord:
-    latest = max((int(v.version) for v in rm.latest_versions or ()), default=0)
-    return ModelRecord(rm.name, dict(rm._tags), {a: int(v) for a, v in rm.aliases.items()}, latest)
+    newest = max(rm.latest_versions or (), key=lambda v: int(v.version), default=None)
+    return ModelRecord(rm.name, dict(rm._tags), {a: int(v) for a, v in rm.aliases.items()},
+                       int(newest.version) if newest else 0, dict(newest.tags) if newest else {})
 
 
 class SqlCatalog(Catalog):
@@ -98,6 +99,9 @@ class SqlCatalog(Catalog):
         mv = self._do("create_model_version", name, source, run_id=run_id or None,
                       tags=[ModelVersionTag(k, v) for k, v in tags.items()])
         return _version(mv)
+
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._do("set_model_version_tag", name, str(version), ModelVersionTag(key, value))
 
     def get_version(self, name: str, version: int) -> VersionRecord | None:
         try:

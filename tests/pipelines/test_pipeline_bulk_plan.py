@@ -10,7 +10,7 @@ import pytest
 from prefixfleet.pipelines.training.data import UserData
 from prefixfleet.pipelines.training.plan import JobContext, Planner, Skip, UserTask
 from prefixfleet.registry import Registry, UserKey
-from prefixfleet.registry.index import PUBLISHED
+from prefixfleet.registry.index import INDEX
 from prefixfleet.workers.data import Example
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 from tests.fixtures.artifacts import make_artifact
@@ -80,10 +80,12 @@ def test_a_chunk_is_planned_from_one_search_with_the_per_user_decisions(
 def test_changed_data_is_trained_and_a_stale_index_is_not_believed(
         registry: Registry, published_users: list[UserData]) -> None:
     changed = [_user(0, "changed"), _user(1, "changed"), published_users[2]]
-    # u1's index is behind its newest version and claims production was trained on the new data
+    # u1's newest version has an index written after another version than the one below it, and
+    # it claims production was trained on the new data
     claim = [[1, "", changed[1].fingerprint, BACKBONE_FP, "job-1"]]
-    registry.catalog.set_model_tag(changed[1].key.model_name(registry.prefix), PUBLISHED,
-                                   json.dumps({"latest": 99, "complete": True, "versions": claim}))
+    model = registry.catalog.get_model(changed[1].key.model_name(registry.prefix))
+    registry.catalog.set_version_tag(model.name, model.latest, INDEX,
+                                     json.dumps({"after": 99, "complete": True, "versions": claim}))
 
     decisions, calls = _plan(registry, changed, "retrain")
     for decision in decisions[:2]:

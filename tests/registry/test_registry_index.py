@@ -1,6 +1,6 @@
 """The published index (registry.index): one search of registered models tells a planner, for a
 chunk of users, which versions exist with which identity and which is in production — and it is
-trusted only while it describes the model's newest version."""
+trusted only while the newest version's index accounts for every version below it."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.registry import registry as registry_module
 from prefixfleet.registry.header import read_header
-from prefixfleet.registry.index import PUBLISHED
+from prefixfleet.registry.index import INDEX
 from tests.fixtures.artifacts import make_artifact
 
 
@@ -51,22 +51,21 @@ def test_long_user_ids_are_read_in_batches_a_server_accepts(registry: Registry) 
     assert all(found[k] is not None and [v.version for v in found[k].versions] == [1] for k in keys)
 
 
-def test_an_index_behind_the_newest_version_is_not_trusted(registry: Registry) -> None:
+def test_an_index_not_written_after_the_version_below_is_not_trusted(registry: Registry) -> None:
     key = UserKey("idx", "stale")
+    name = key.model_name(registry.prefix)
     _publish(registry, key, "d1")
-    before = registry.catalog.get_model(key.model_name(registry.prefix)).tags[PUBLISHED]
     _publish(registry, key, "d2")
     assert registry.published([key])[key] is not None
-    # as a publish that stopped before its last write (or raced another) leaves it
-    registry.catalog.set_model_tag(key.model_name(registry.prefix), PUBLISHED, before)
+    # as a publish whose plan was overtaken leaves it until it has settled (or when it stopped)
+    registry.catalog.set_version_tag(name, 2, INDEX, '{"after": 0, "complete": true, "versions": []}')
     assert registry.published([key])[key] is None
 
 
-def test_a_model_without_an_index_is_left_to_the_per_user_lookup(registry: Registry) -> None:
+def test_a_version_without_a_readable_index_is_left_to_the_per_user_lookup(registry: Registry) -> None:
     key = UserKey("idx", "legacy")
     _publish(registry, key, "d1")
-    name = key.model_name(registry.prefix)
-    registry.catalog.set_model_tag(name, PUBLISHED, "not json")
+    registry.catalog.set_version_tag(key.model_name(registry.prefix), 1, INDEX, "not json")
     assert registry.published([key])[key] is None
 
 
