@@ -75,7 +75,7 @@ class RestCatalog(Catalog):
         kwargs: dict[str, Any] = {"params": body} if method == "GET" else {"json": body}
         try:
             resp = self.session.request(method, self.base + endpoint, timeout=self.timeout, **kwargs)
-        except requests.ConnectionError as exc:
+        except (requests.ConnectionError, requests.Timeout) as exc:  # a read timeout too: the answer was lost
             raise Transient(f"MLflow {endpoint}: {exc}") from exc
         if resp.status_code == 200:
             return resp.json() if resp.content else {}
