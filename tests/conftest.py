@@ -92,7 +92,8 @@ def _server(config: pytest.Config, kind: str, tmp_path_factory: pytest.TempPathF
             launched[kind] = servers.launch_mlflow_server(workdir, template_db=_template_path(config))
         elif kind == "pg-mlflow":
             backend = _postgres(config).database()
-            launched[kind] = servers.launch_mlflow_server(workdir, workers=2, backend_uri=backend)
+            launched[kind] = servers.launch_mlflow_server(workdir, workers=2, backend_uri=backend,
+                                                          env=servers.SERVER_POOL)
         else:
             launched[kind] = servers.launch_s3_server(workdir)
         config.add_cleanup(launched[kind].stop)

@@ -76,6 +76,11 @@ def test_mlflow_keeps_runs_in_postgres_and_artifacts_in_the_bucket(services: dic
     assert "mlflow:5000" in mlflow["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
 
 
+def test_mlflow_s_database_pool_holds_what_16_publishers_keep_in_flight(services: dict[str, dict[str, Any]]) -> None:
+    env = services["mlflow"]["environment"]
+    assert int(env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"]) >= 32
+
+
 def test_ray_head_points_prefixfleet_at_the_stack(services: dict[str, dict[str, Any]]) -> None:
     env = services["ray-head"]["environment"]
     tracking = urlsplit(env["MLFLOW_TRACKING_URI"])
