@@ -84,8 +84,8 @@ def test_racing_publishes_from_one_plan_leave_each_alias_on_the_newest(registry)
     assert len(versions) == 5 and {r.version for r in refs} == set(versions) - {1}  # four results, once each
     registry.invalidate(KEY)
     assert registry.resolve(KEY).version == registry.resolve(KEY, "candidate").version == max(versions)
-    after = _plan(registry)
-    assert [v.version for v in after.versions] == versions and after.production == max(versions)
+    after = _plan(registry)  # it may also list a twin that a racing publish deleted after its read
+    assert set(versions) <= {v.version for v in after.versions} and after.production == max(versions)
     assert registry.production_history(KEY)[-1] == max(versions)
 
 
