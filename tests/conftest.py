@@ -67,15 +67,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     session.config.stash[_LAUNCHED] = launched
     if session.config.option.collectonly:
         return
+    def launch(kind: str, start: Callable[[], servers.ServerProcess | PostgresServer]) -> None:
+        launched[kind] = start()
+        session.config.add_cleanup(launched[kind].stop)  # at once: a later launch may fail
+
     if any(_needs_postgres(item) for item in session.items):
-        launched["postgres"] = PostgresServer.launch()
+        launch("postgres", PostgresServer.launch)
     if any(_needs_servers(item) for item in session.items):
         root = Path(tempfile.mkdtemp(prefix="prefixfleet-servers-"))
-        launched["mlflow"] = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True,
-                                                          template_db=_template_path(session.config))
-        launched["s3"] = servers.launch_s3_server(root / "s3", owns_workdir=True)
-    for server in launched.values():
-        session.config.add_cleanup(server.stop)
+        template = _template_path(session.config)
+        launch("mlflow", lambda: servers.launch_mlflow_server(root / "mlflow", owns_workdir=True, template_db=template))
+        launch("s3", lambda: servers.launch_s3_server(root / "s3", owns_workdir=True))
 
 
 def _template_path(config: pytest.Config) -> Path:
