@@ -2,6 +2,7 @@
 the job code are imported when one of these commands runs, not when the CLI starts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from prefixfleet.pipelines.demo import DemoReport
     from prefixfleet.pipelines.training.job import JobRequest, JobSummary
     from prefixfleet.pipelines.training.outcome import Outcome
+    from prefixfleet.registry import Registry
 
 DataArg = Annotated[str, typer.Argument(help="JSONL or Parquet file or folder, local or s3://bucket/key.")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or local save_pretrained folder.")]
@@ -67,7 +69,7 @@ def _setup_logging() -> None:
 def _run(request: JobRequest, home: Path | None, outage_deadline: float) -> JobSummary:
     with needs("train"):
         from prefixfleet.pipelines.training.data import DataError
-        from prefixfleet.pipelines.training.job import run_job
+        from prefixfleet.pipelines.training.job import run_job  # noqa: F401 - fails here, named, without the extra
 
     if not outage_deadline > 0:
         fail(f"--outage-deadline must be a positive number of seconds, got {outage_deadline}", code=2)
@@ -75,7 +77,7 @@ def _run(request: JobRequest, home: Path | None, outage_deadline: float) -> JobS
     _setup_logging()
     registry = open_registry(home)
     try:
-        summary = run_job(request, registry, home_dir(home))
+        summary = _run_on_stderr(request, registry, home_dir(home))
     except DataError as exc:
         for row in exc.bad_rows:
             typer.echo(f"bad row {row}", err=True)
@@ -87,18 +89,36 @@ def _run(request: JobRequest, home: Path | None, outage_deadline: float) -> JobS
     return summary
 
 
+def _run_on_stderr(request: JobRequest, registry: Registry, home: Path) -> JobSummary:
+    """The job with stdout sent to stderr: Ray prints its workers' and raylets' lines to stdout,
+    which holds only our report. A Ray this call connected to is left before stdout is given back."""
+    import ray
+
+    from prefixfleet.pipelines.training.job import run_job
+
+    connected = ray.is_initialized()
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            return run_job(request, registry, home)
+        finally:
+            if not connected and ray.is_initialized():
+                ray.shutdown()
+
+
 PLAN_WORDS = {"planned": "train", "skipped": "skip", "failed": "refuse"}
 
 
 def _plan_printer(as_json: bool) -> Callable[[Outcome], None]:
-    """A dry run's line per user, printed as its chunk is planned."""
+    """A dry run's line per user, printed to stdout (as it is now) as its chunk is planned."""
+    out = sys.stdout
+
     def show(outcome: Outcome) -> None:
         word = PLAN_WORDS[outcome.status]
         if as_json:
             typer.echo(json.dumps({"plan": word, "namespace": outcome.key.namespace, "user_id": outcome.key.user_id,
-                                   "version": outcome.version, "reason": outcome.reason}))
+                                   "version": outcome.version, "reason": outcome.reason}), file=out)
         else:
-            typer.echo(f"{word:6} {outcome.key.namespace}/{outcome.key.user_id}: {outcome.reason}")
+            typer.echo(f"{word:6} {outcome.key.namespace}/{outcome.key.user_id}: {outcome.reason}", file=out)
     return show
 
 

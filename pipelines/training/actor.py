@@ -42,10 +42,15 @@ class UserTrainer:
         self.planner = Planner(self.publisher.registry, self.backbone.fingerprint)
         self.pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
         self.lock = threading.Lock()
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.counts = {"pid": os.getpid(), "chunk_size": 0, "chunk_planned": 0, "chunk_done": 0}
 
     def fingerprint(self) -> str:
         return self.backbone.fingerprint
+
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        return self.node_id
 
     def close(self) -> None:
         """Wait for publishes in flight and release the registry (actors just end instead)."""
@@ -57,10 +62,10 @@ class UserTrainer:
         return weights_checksum(self.backbone.model) == self.checksum
 
     @ray.method(concurrency_group="status")
-    def status(self) -> dict[str, int]:
-        """Answered while a chunk trains: pid and how far the current chunk is."""
+    def status(self) -> dict[str, int | str]:
+        """Answered while a chunk trains: pid, node and how far the current chunk is."""
         with self.lock:
-            return dict(self.counts)
+            return {**self.counts, "node": self.node_id}
 
     def train(self, block: pa.Table, start: int, stop: int, context: JobContext) -> list[Outcome]:
         """The users of rows [start, stop) of an ingested block, through `train_users`."""

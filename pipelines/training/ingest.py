@@ -147,6 +147,7 @@ class Ingested:
     """The users, grouped and materialized in Ray's object store, and what the driver knows of them."""
 
     users: ray.data.Dataset  # USER_SCHEMA rows: one per user, one statistics row per bucket
+    blocks: list[tuple[ray.ObjectRef, int]]  # its blocks, each with its number of rows (never fetched here)
     user_count: int
     rows_read: int
     bad_count: int
@@ -205,7 +206,8 @@ def ingest(source: Any, namespace: str) -> Ingested:
             raise error from None
         raise JobError(f"reading the data failed: {exc}") from exc
     bad = heapq.nsmallest(BAD_ROWS_KEPT, (b for s in stats for b in s["bad"]), key=lambda b: (b["shard"], b["number"]))
-    return Ingested(users=users, user_count=users.count() - len(stats), rows_read=sum(s["rows"] for s in stats),
+    return Ingested(users=users, blocks=_blocks(users), user_count=users.count() - len(stats),
+                    rows_read=sum(s["rows"] for s in stats),
                     bad_count=sum(s["bad_count"] for s in stats), bad_rows=[BadRow(b["where"], b["reason"]) for b in bad],
                     namespaces={n for s in stats for n in s["namespaces"]},
                     files=list(dict.fromkeys(s.name for s in parts)))
@@ -216,10 +218,11 @@ def _rows_in(block: pa.Table) -> int:
     return block.num_rows
 
 
-def blocks(users: ray.data.Dataset) -> Iterator[tuple[ray.ObjectRef, int]]:
-    """(block, its number of rows) for each block of `Ingested.users`, without fetching it here."""
+def _blocks(users: ray.data.Dataset) -> list[tuple[ray.ObjectRef, int]]:
+    """(block, its number of rows) for each block of `users`, without fetching it here. Taken
+    while the CPUs are free: Ray Data warns (and may wait) once trainer actors hold them all."""
     refs = users.to_arrow_refs()
-    yield from zip(refs, ray.get([_rows_in.remote(ref) for ref in refs]), strict=True)
+    return list(zip(refs, ray.get([_rows_in.remote(ref) for ref in refs]), strict=True))
 
 
 def users_in(block: pa.Table, start: int, stop: int) -> list[UserData]:

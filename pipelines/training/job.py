@@ -14,9 +14,10 @@ from typing import Any
 from prefixfleet.pipelines.cluster import actor_env, connect_ray
 from prefixfleet.pipelines.training.data import BadRow, DataError
 from prefixfleet.pipelines.training.errors import JobError
-from prefixfleet.pipelines.training.fleet import Fleet, actor_count, chunks
-from prefixfleet.pipelines.training.ingest import Ingested, blocks, ingest
+from prefixfleet.pipelines.training.fleet import Fleet, chunks
+from prefixfleet.pipelines.training.ingest import Ingested, ingest
 from prefixfleet.pipelines.training.outcome import Outcome
+from prefixfleet.pipelines.training.placement import node_resources, plan_actors
 from prefixfleet.pipelines.training.plan import JobContext
 from prefixfleet.pipelines.training.progress import JobProgress
 from prefixfleet.pipelines.training.published import config_params
@@ -163,12 +164,13 @@ def backbone_id(backbone: str) -> str:
 
 
 def start_fleet(request: JobRequest, registry: Registry, users: int) -> Fleet:
-    """Connect to Ray and start the job's trainer actors (as many as fit, at most one per user)."""
+    """Connect to Ray and start the job's trainer actors: `request.actors`, or as many as the
+    nodes hold and at most one per user; refused at once when the nodes cannot hold them."""
     local = connect_ray(request.address)
     if not local and not registry.tracking_uri.startswith(("http://", "https://")):
         log.warning("the registry (%s) is on this machine: trainer actors on other nodes cannot reach it; "
                     "set MLFLOW_TRACKING_URI and PREFIXFLEET_STORE to shared servers", registry.tracking_uri)
-    count = request.actors or actor_count(max(1, users), request.actor_cpus, request.actor_gpus)
+    count = plan_actors(node_resources(), max(1, users), request.actor_cpus, request.actor_gpus, request.actors)
     return Fleet(backbone_id(request.backbone), registry.address, actors=count, cpus=request.actor_cpus,
                  gpus=request.actor_gpus, env=actor_env(local))
 
@@ -189,6 +191,8 @@ def run_job(request: JobRequest, registry: Registry, home: Path, fleet: Fleet | 
         except Unavailable as exc:
             raise JobError(f"cannot start the job: {exc}") from exc
     connect_ray(request.address)
+    if fleet is None:  # refused before the data is read, not after
+        plan_actors(node_resources(), 1, request.actor_cpus, request.actor_gpus, request.actors)
     data = load_data(request)
     if fleet is not None:
         return _run(request, registry, home, data, fleet, started)
@@ -201,6 +205,7 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fl
     if (fleet.backbone, fleet.registry) != (backbone_id(request.backbone), registry.address):
         raise JobError("the trainer actors were started for another backbone or registry")
     fingerprint = fleet.fingerprint()
+    log.info("%d trainer actors on %d node(s)", len(fleet.actors), fleet.node_count)
     isolated = request.mode == "isolated"
     pack_size = 1 if isolated else request.pack_size
     try:
@@ -221,7 +226,8 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fl
     run = JobRun(registry.tracking_uri, home)
     run_id = run.start(request.kind, {
         "data": str(request.data), "backbone": fleet.backbone, "backbone_fingerprint": fingerprint,
-        "mode": request.mode, "pack_size": pack_size, "actors": len(fleet.actors), "namespace": request.namespace,
+        "mode": request.mode, "pack_size": pack_size, "actors": len(fleet.actors),
+        "actor_nodes": fleet.node_count, "namespace": request.namespace,
         "spec": request.spec.to_json(), **config_params(request.config),
     })
     try:
@@ -246,6 +252,6 @@ def _run(request: JobRequest, registry: Registry, home: Path, data: Ingested, fl
 
 def _plan_and_train(data: Ingested, fleet: Fleet, context: JobContext, tally: Tally, request: JobRequest,
                     isolated: bool) -> None:
-    work = chunks(blocks(data.users), data.user_count, len(fleet.actors), context.pack_size, isolated)
+    work = chunks(data.blocks, data.user_count, len(fleet.actors), context.pack_size, isolated)
     with JobProgress(data.user_count, live=request.progress) as progress:
         fleet.run(work, context, tally, progress)
