@@ -1,4 +1,4 @@
-"""Registry commands: `get`, `history`, `promote`, `rollback`, `forget`, `fsck`."""
+"""Registry commands: `get`, `history`, `promote`, `rollback`, `fsck`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,18 +71,6 @@ def rollback(user: UserArgument, namespace: NamespaceOption = "default", home: H
     with registry_session(home) as registry:
         ref = registry.rollback(key)
     emit(ref.to_json(), as_json, f"{namespace}/{user}: production -> version {ref.version}")
-
-
-@app.command()
-def forget(user: UserArgument, namespace: NamespaceOption = "default", home: HomeOption = None,
-           as_json: JsonOption = False) -> None:
-    """Erase every version, alias and artifact of a user; print a receipt."""
-    key = user_key(namespace, user)
-    with registry_session(home) as registry:
-        receipt = registry.forget(key)
-    text = (f"forgot {namespace}/{user}: {len(receipt.versions)} versions, "
-            f"{len(receipt.aliases)} aliases, {len(receipt.objects)} artifacts")
-    emit(receipt.to_json(), as_json, text)
 
 
 GraceOpt = Annotated[float, typer.Option(

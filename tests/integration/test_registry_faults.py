@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from prefixfleet.registry import Registry, Unavailable, UserKey, fsck
+from prefixfleet.registry.forgetting import NOT_STARTED, forget_all
 from tests.fixtures.artifacts import make_artifact
 from tests.fixtures.faults import FaultProxy
 from tests.fixtures.servers import make_server_registry
@@ -101,3 +102,28 @@ def test_an_s3_outage_past_the_deadline_names_s3_and_leaves_no_version(faulty, m
         reg.publish(key, make_artifact("default", "s3-outage"))  # its first call reads the tombstones
     assert s3.counts["outage"] >= 2
     assert direct.catalog.get_model(key.model_name(reg.prefix)) is None
+
+
+def test_forgetting_many_users_under_faults_erases_each_and_an_outage_is_finished_by_a_rerun(faulty, monkeypatch):
+    monkeypatch.setenv("PREFIXFLEET_RETRY_DEADLINE_S", "1")
+    reg, direct, mlflow, s3 = faulty(mlflow={"rate": 0.2, "seed": 21}, s3={"rate": 0.2, "seed": 22})
+    keys = [UserKey("default", f"bulk-{i}") for i in range(USERS)]
+    for i, key in enumerate(keys):
+        direct.publish(key, make_artifact("default", key.user_id, seed=i), promote=True)
+
+    results, forgets = [], forget_all(reg, keys, workers=2)
+    for result in forgets:  # the MLflow server goes away after the first few receipts
+        results.append(result)
+        if len(results) == 4:
+            with mlflow.outage():
+                results.extend(forgets)
+    assert [r.key for r in results] == keys
+    failed = [r for r in results if not r.ok]
+    assert failed and all("MLflow unreachable" in r.error for r in failed)
+    assert any(r.error.startswith(NOT_STARTED) for r in failed)  # no more forgets began once it showed
+
+    again = list(forget_all(reg, [r.key for r in failed], workers=2))  # the server is back
+    assert all(r.ok for r in again), [r.error for r in again if not r.ok]
+    assert list(direct.list_users("default")) == [] and fsck(direct, grace_s=0).faults == []
+    assert not [k for k, _ in direct.store.list() if "bulk-" in k]
+    assert mlflow.faulted >= 5

@@ -69,6 +69,61 @@ def test_forget_prints_a_receipt_and_leaves_nothing(home):
     assert run("get", "alice").exit_code == 1
 
 
+def _publish_many(users: list[str]) -> None:
+    with Registry.from_env() as reg:
+        for i, user in enumerate(users):
+            reg.publish(UserKey("default", user), make_artifact("default", user, seed=i), metrics={"eval_loss": 1.0})
+
+
+def test_forget_users_file_prints_a_receipt_line_per_user_and_a_total(home, tmp_path):
+    users = ["bob", "carol", "dan with spaces", "erin"]
+    _publish_many(users)
+    plain = tmp_path / "users.txt"
+    plain.write_text("alice\n\nbob\r\nnobody\ncarol\n")  # blank lines skipped, CRLF read as LF
+    result = run("forget", "--users-file", str(plain))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "forgot default/alice: 2 versions, 2 aliases, 2 artifacts",
+        "forgot default/bob: 1 versions, 1 aliases, 1 artifacts",
+        "forgot default/nobody: 0 versions, 0 aliases, 0 artifacts",
+        "forgot default/carol: 1 versions, 1 aliases, 1 artifacts",
+        "forgot 4 of 4 users: 4 versions, 4 artifacts; 0 failed"]
+
+    per_user = tmp_path / "per_user.jsonl"  # as a job's --per-user-out writes it
+    per_user.write_text("".join(json.dumps({"namespace": "default", "user_id": u, "status": "trained"}) + "\n"
+                                for u in users[2:]))
+    result = run("forget", "--users-file", str(per_user), "--json", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    *receipts, total = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["user_id"], r["versions"]) for r in receipts] == [("dan with spaces", [1]), ("erin", [1])]
+    assert total == {"users": 2, "forgotten": 2, "failed": 0, "versions": 2, "artifacts": 2}
+    with Registry.from_env() as reg:
+        assert list(reg.list_users("default")) == []
+
+
+def test_a_users_file_with_bad_lines_is_refused_whole_naming_each_line(home, tmp_path):
+    _publish_many(["bob"])
+    plain = tmp_path / "users.txt"
+    plain.write_text("bob\nbad\x00id\n" + "x" * 300 + "\n")
+    result = run("forget", "--users-file", str(plain))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"bad line {plain}:2: user id 'bad\\x00id'" in result.stderr
+    assert f"bad line {plain}:3: user id" in result.stderr
+    assert "2 bad line(s) in" in result.stderr and "nothing was forgotten" in result.stderr
+    lines = tmp_path / "users.jsonl"
+    lines.write_text('{"user_id": "bob"}\n{"user": "bob"}\nnot json\n{"user_id": "bob", "namespace": "a/b"}\n')
+    result = run("forget", "--users-file", str(lines))
+    assert result.exit_code == 2
+    for number, reason in [(2, "expected a JSON object with a user_id"), (3, "not JSON"), (4, "namespace 'a/b'")]:
+        assert f"bad line {lines}:{number}: {reason}" in result.stderr
+    with Registry.from_env() as reg:  # nothing was erased
+        assert {k.user_id for k in reg.list_users("default")} == {"alice", "bob"}
+    assert run("forget", "bob", "--users-file", str(plain)).exit_code == 2
+    assert run("forget").exit_code == 2
+    assert run("forget", "--users-file", str(tmp_path / "missing.txt")).exit_code == 2
+    assert run("forget", "--users-file", str(plain), "--workers", "0").exit_code == 2
+
+
 def test_fsck_reports_then_repairs(home):
     with Registry.from_env() as reg:
         orphan = make_artifact("default", "ghost")
