@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import Any
 
 from prefixfleet.registry import refs
-from prefixfleet.registry.catalog import Missing, VersionRecord
+from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord
 from prefixfleet.registry.erasure import ERASURE_KEY
 from prefixfleet.registry.errors import IntegrityError
 from prefixfleet.registry.header import read_header
@@ -21,6 +23,7 @@ from prefixfleet.registry.keys import SHA256_DIGEST, UserKey, unescape
 from prefixfleet.registry.refs import VersionRef
 from prefixfleet.registry.registry import Registry
 
+PAGE_USERS = 1000  # users whose versions are read together (a page of the model search)
 GRACE_S = 3600.0  # far beyond a publish that waits out an outage (train's --outage-deadline: 180 s)
 _OBJECT_KEY = re.compile(r"(?P<ns>[^/]+)/(?P<shard>[0-9a-f]{2})/(?P<user>[^/]+)/(?P<sha>[0-9a-f]{64})\.safetensors")
 
@@ -96,6 +99,58 @@ def _delete_version(reg: Registry, name: str, version: int) -> None:
         pass
 
 
+def _with_versions(reg: Registry, models: Iterable[tuple[UserKey, ModelRecord]]
+                   ) -> Iterator[tuple[UserKey, ModelRecord, list[VersionRecord]]]:
+    """Each (user, model) with its live versions, newest first, read in bulk a page of users at a time."""
+    iterator = iter(models)
+    while page := list(islice(iterator, PAGE_USERS)):
+        versions = reg.versions_of([key for key, _ in page])
+        for key, model in page:
+            yield key, model, versions[key]
+
+
+def _check_user(reg: Registry, report: FsckReport, key: UserKey, model: ModelRecord, records: list[VersionRecord],
+                sizes: dict[str, int], referenced: set[str]) -> None:
+    repair = report.repair
+    name = key.model_name(reg.prefix)
+    report.users += 1
+    report.versions += len(records)
+    live = {r.version for r in records}
+    seen: dict[str, int] = {}
+    for rec in reversed(records):  # oldest first
+        where = dict(namespace=key.namespace, user_id=key.user_id, version=rec.version)
+        sha = rec.tags.get(refs.SHA256, "")
+        if SHA256_DIGEST.fullmatch(sha):
+            referenced.add(key.object_key(sha))
+        problem = _version_fault(reg, key, rec, sizes)
+        if problem:
+            kind, detail = problem
+            if repair:
+                _delete_version(reg, name, rec.version)
+                if kind == "hash_mismatch":
+                    reg.store.delete(key.object_key(sha))
+                live.discard(rec.version)
+            report.faults.append(Fault(kind, name, detail, **where, repaired=repair))
+            continue
+        ident = rec.tags.get(refs.IDENTITY, "")
+        if ident in seen and rec.version not in model.aliases.values():
+            if repair:
+                _delete_version(reg, name, rec.version)
+            report.faults.append(Fault("duplicate_version", name, f"same training result as version {seen[ident]}",
+                                       **where, repaired=repair))
+        seen.setdefault(ident, rec.version)
+    for alias, version in model.aliases.items():
+        if version not in live:
+            if repair:
+                try:
+                    reg.catalog.delete_alias(name, alias)
+                except Missing:
+                    pass
+            report.faults.append(Fault("dangling_alias", name, f"alias {alias!r} names missing version {version}",
+                                       key.namespace, key.user_id, version, repaired=repair))
+    reg.invalidate(key)
+
+
 def fsck(reg: Registry, *, repair: bool = False, grace_s: float = GRACE_S) -> FsckReport:
     """Artifacts without versions, versions without (or with wrong) artifacts, duplicate versions
     of one training result, aliases to missing versions. With `repair`: orphans and duplicates are
@@ -107,45 +162,8 @@ def fsck(reg: Registry, *, repair: bool = False, grace_s: float = GRACE_S) -> Fs
     sizes = {k: size for k, size in reg.store.list() if not ERASURE_KEY.fullmatch(k)}
     report.objects = len(sizes)
     referenced: set[str] = set()
-    for key, model in reg.models():
-        name = key.model_name(reg.prefix)
-        report.users += 1
-        records = list(reg.versions(name))
-        report.versions += len(records)
-        live = {r.version for r in records}
-        seen: dict[str, int] = {}
-        for rec in reversed(records):  # oldest first
-            where = dict(namespace=key.namespace, user_id=key.user_id, version=rec.version)
-            sha = rec.tags.get(refs.SHA256, "")
-            if SHA256_DIGEST.fullmatch(sha):
-                referenced.add(key.object_key(sha))
-            problem = _version_fault(reg, key, rec, sizes)
-            if problem:
-                kind, detail = problem
-                if repair:
-                    _delete_version(reg, name, rec.version)
-                    if kind == "hash_mismatch":
-                        reg.store.delete(key.object_key(sha))
-                    live.discard(rec.version)
-                report.faults.append(Fault(kind, name, detail, **where, repaired=repair))
-                continue
-            ident = rec.tags.get(refs.IDENTITY, "")
-            if ident in seen and rec.version not in model.aliases.values():
-                if repair:
-                    _delete_version(reg, name, rec.version)
-                report.faults.append(Fault("duplicate_version", name, f"same training result as version {seen[ident]}",
-                                           **where, repaired=repair))
-            seen.setdefault(ident, rec.version)
-        for alias, version in model.aliases.items():
-            if version not in live:
-                if repair:
-                    try:
-                        reg.catalog.delete_alias(name, alias)
-                    except Missing:
-                        pass
-                report.faults.append(Fault("dangling_alias", name, f"alias {alias!r} names missing version {version}",
-                                           key.namespace, key.user_id, version, repaired=repair))
-        reg.invalidate(key)
+    for key, model, records in _with_versions(reg, reg.models()):
+        _check_user(reg, report, key, model, records, sizes, referenced)
     for object_key in sorted(set(sizes) - referenced):
         owner = _object_owner(object_key)
         if owner is None:
@@ -173,13 +191,12 @@ def gc(reg: Registry, key: UserKey | None = None, *, keep_last: int = 5) -> list
         raise ValueError("keep_last must be >= 0")
     if key is not None:
         model = reg.catalog.get_model(key.model_name(reg.prefix))
-        targets = [(key, model)] if model else []
+        targets: Iterable[tuple[UserKey, ModelRecord]] = [(key, model)] if model else []
     else:
-        targets = list(reg.models())
+        targets = reg.models()
     removed: list[VersionRef] = []
-    for user, model in targets:
+    for user, model, records in _with_versions(reg, targets):
         name = user.model_name(reg.prefix)
-        records = list(reg.versions(name))
         aliased = set(model.aliases.values())
         doomed = {r.version for r in records[keep_last:] if r.version not in aliased}
         kept_shas = {r.tags.get(refs.SHA256) for r in records if r.version not in doomed}

@@ -26,6 +26,7 @@ from prefixfleet.registry.store import FileStore, open_store
 
 NAMES_PER_SEARCH = 100  # users per bulk read
 FILTER_CHARS = 3000  # of its filter: servers refuse request lines past about 4 KiB
+VERSIONS_PER_PAGE = 10_000  # MLflow's default page of a version search (its cap is 200,000)
 _SETTLE_ROUNDS = 20
 _HISTORY = 100  # production versions remembered for rollback
 
@@ -435,6 +436,23 @@ class Registry:
             yield from page
             if not token:
                 return
+
+    def versions_of(self, keys: list[UserKey]) -> dict[UserKey, list[VersionRecord]]:
+        """Every live version record of many users, newest first ([] for a user without one):
+        one paged search per batch of names, not one per user."""
+        out: dict[UserKey, list[VersionRecord]] = {key: [] for key in keys}
+        for batch in self._name_batches(keys):
+            names = ", ".join(f"'{n}'" for n in batch)
+            token: str | None = None
+            while True:
+                page, token = self.catalog.search_versions(
+                    f"name IN ({names})", order_by="version_number DESC", max_results=VERSIONS_PER_PAGE,
+                    page_token=token)
+                for record in page:
+                    out[batch[record.name]].append(record)
+                if not token:
+                    break
+        return out
 
     def _resolve_now(self, key: UserKey, name: str, selector: Hashable) -> VersionRef:
         generation = self._resolutions.generation(name)
