@@ -192,8 +192,8 @@ def gc(reg: Registry, key: UserKey | None = None, *, keep_last: int = 5) -> list
     if key is not None:
         model = reg.catalog.get_model(key.model_name(reg.prefix))
         targets: Iterable[tuple[UserKey, ModelRecord]] = [(key, model)] if model else []
-    else:
-        targets = reg.models()
+    else:  # version numbers start at 1, so a user whose newest is within keep_last has nothing to drop
+        targets = ((user, model) for user, model in reg.models() if model.latest > keep_last)
     removed: list[VersionRef] = []
     for user, model, records in _with_versions(reg, targets):
         name = user.model_name(reg.prefix)

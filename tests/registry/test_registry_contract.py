@@ -165,6 +165,25 @@ def test_gc_keeps_the_newest_and_every_aliased_version(registry):
     assert [r.version for r in registry.history(ALICE)] == [5, 1]
 
 
+def test_gc_of_the_whole_registry_reads_versions_only_of_users_with_more_than_keep_last(registry, monkeypatch):
+    bob, carol = UserKey("default", "bob"), UserKey("default", "carol")
+    for i in range(1, 4):
+        publish(registry, ALICE, data=f"a{i}")
+        publish(registry, carol, data=f"c{i}")
+    for i in range(1, 3):
+        publish(registry, bob, data=f"b{i}")
+    registry.catalog.delete_version(carol.model_name(registry.prefix), 2)  # newest is 3, 2 live
+    searched: list[str] = []
+    search = registry.catalog.search_versions
+    monkeypatch.setattr(registry.catalog, "search_versions",
+                        lambda filter_string, **kw: searched.append(filter_string) or search(filter_string, **kw))
+    removed = gc(registry, None, keep_last=2)
+    assert [(r.user_id, r.version) for r in removed] == [("alice", 1)]
+    assert "bob" not in " ".join(searched) and "alice" in " ".join(searched)  # bob's newest is version 2
+    assert [r.version for r in registry.history(carol)] == [3, 1]
+    assert [r.version for r in registry.history(bob)] == [2, 1]
+
+
 def reader_of_two_versions(registry: Registry, resolve_ttl: float) -> Registry:
     """Alice with versions 1 (production) and 2, and a second registry reading them."""
     publish(registry, data="d1")
