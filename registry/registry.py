@@ -122,7 +122,8 @@ class Registry:
         call's start) raises Forgotten, and whatever this call wrote is removed again.
         `published`: what a bulk read (`published()`) said of this user, as a job's plan has it.
         For a returning user it stands in for the exactly-once check, and the publish is one
-        create, its alias writes and one read back, unless another publish overtook the read.
+        create, its alias writes and one read back, unless another publish overtook the read; a
+        new user's publish is the same after creating its model.
         """
         header = read_header(artifact)
         header.check_binding(key)
@@ -149,24 +150,22 @@ class Registry:
     def _publish(self, key: UserKey, name: str, artifact: bytes, tags: dict[str, str], aliases: list[str],
                  known: frozenset[str], published: Published | None) -> VersionRef:
         ident = tags[refs.IDENTITY]
-        planned = published is not None and published.latest > 0 and published.oldest(ident) is None
-        if planned:
-            assert published is not None
+        expected: int | None = None  # the version number `mine` gets when nothing overtook what is known
+        if published is not None and published.latest > 0 and published.oldest(ident) is None:
             if not published.complete and (twin := self._oldest_twin(name, ident)):  # beyond what it lists
                 return self._exact_ref(key, name, twin.version)
-            tags[INDEX] = index_after(published)
+            tags[INDEX], expected = index_after(published), published.latest + 1
             if refs.PRODUCTION in aliases and published.production is not None:
                 tags[refs.PROMOTED_OVER] = str(published.production)
-        else:
-            created = self.catalog.create_model(name, refs.model_tags(key))
-            if not created and (twin := self._oldest_twin(name, ident)):
-                return self._exact_ref(key, name, twin.version)
+        elif self.catalog.create_model(name, refs.model_tags(key)):  # a new user: no version can be older
+            tags[INDEX], expected = index_after(Published(key)), 1
+        elif twin := self._oldest_twin(name, ident):
+            return self._exact_ref(key, name, twin.version)
         object_key = key.object_key(tags[refs.SHA256])
         self.store.put(object_key, artifact)
         mine = self._create_version(key, name, self.store.uri_for(object_key), tags, artifact, known)
         try:
-            if planned and published is not None and mine.version == published.latest + 1 \
-                    and self._aliased_at_once(name, mine, aliases):
+            if mine.version == expected and self._aliased_at_once(name, mine, aliases):
                 kept, aliased = mine, aliases
             else:
                 kept, aliased = self._settle(name, mine, aliases)
@@ -179,7 +178,8 @@ class Registry:
         return VersionRef.from_record(key, kept, aliases=aliased)
 
     def _aliased_at_once(self, name: str, mine: VersionRecord, aliases: list[str]) -> bool:
-        """Point `aliases` at `mine`, created right after what the plan read, then read the model
+        """Point `aliases` at `mine`, created right after what the plan read (or as the first version
+        of a model this publish created), then read the model
         once: when nothing newer exists and every alias names `mine`, the publish is settled (no
         twin can be older, and a later writer reads after its own write)."""
         if not aliases:

@@ -54,6 +54,20 @@ def test_a_returning_users_publish_and_promote_is_one_create_two_alias_writes_an
     assert ref.aliases == ["candidate"] and registry.resolve(KEY, fresh=True).version == 1
 
 
+def test_a_new_users_publish_and_promote_is_two_creates_two_alias_writes_and_one_read(registry):
+    ref, calls = _counted(registry, lambda: registry.publish(KEY, _artifact("d1"), promote=True,
+                                                             published=Published(KEY)))
+    assert calls == {"create_model": 1, "create_version": 1, "set_alias": 2, "get_model": 1}
+    assert (ref.version, ref.aliases) == (1, ["candidate", "production"])
+    registry.invalidate(KEY)
+    assert registry.resolve(KEY).version == registry.resolve(KEY, "candidate").version == 1
+    plan = _plan(registry)  # its index is trusted: the next plan needs no look-up of its own
+    assert [v.version for v in plan.versions] == [1] and plan.production == 1 and plan.complete
+    assert registry.production_history(KEY) == [1]
+    twin = registry.publish(KEY, _artifact("d1", seed=3), promote=True, published=Published(KEY))  # a stale plan
+    assert twin.version == 1 and [r.version for r in registry.history(KEY)] == [1]
+
+
 def test_a_plan_already_published_from_is_settled_like_any_publish(registry):
     registry.publish(KEY, _artifact("d1"), promote=True)
     plan = _plan(registry)  # two jobs read the same plan; the second publishes after the first
