@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures, benchmarks.registry_fill
 
 from benchmarks.registry_fill import Template, check_equivalent, fill  # noqa: E402
+from benchmarks.user_rows import write_jsonl_users  # noqa: E402
 from prefixfleet.pipelines.training.plan import JobContext, Planner, Skip  # noqa: E402
 from prefixfleet.registry import Registry  # noqa: E402
 from prefixfleet.workers.backbone import load_backbone  # noqa: E402
@@ -38,20 +39,9 @@ from tests.fixtures.counting import CountingCatalog  # noqa: E402
 from tests.fixtures.reading import parse  # noqa: E402
 from tests.fixtures.servers import launch_mlflow_server  # noqa: E402
 
-STEPS, FILES = 2, 8
+STEPS = 2
 SPEC, CONFIG = PrefixSpec(), TrainConfig(steps=STEPS)
 _REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE) /(ajax-)?api/')
-
-
-def write_data(folder: Path, users: int, rows: int) -> None:
-    folder.mkdir(parents=True)
-    outs = [(folder / f"part-{i}.jsonl").open("w") for i in range(FILES)]
-    for user in range(users):
-        for row in range(rows):
-            text = f"user {user} writes row {row} in their own style"
-            outs[(user + row) % FILES].write(json.dumps({"user_id": f"user-{user:07d}", "text": text}) + "\n")
-    for out in outs:
-        out.close()
 
 
 def cli_rerun(kind: str, data: Path, backbone: Path, env: dict[str, str]) -> dict:
@@ -95,7 +85,7 @@ def main() -> None:
         home, data = root / "home", root / "data"
         backbone = build_backbone(root / "backbone", "gpt2")
         fingerprint = load_backbone(str(backbone)).fingerprint
-        write_data(data, args.users, args.rows)
+        write_jsonl_users(data, args.users, args.rows)
         people = sorted(parse(str(data)).users.values(), key=lambda u: u.key.user_id)
         assert len(people) == args.users
         template = Template(SPEC.to_json(), CONFIG.settings_json(SPEC.method), fingerprint)

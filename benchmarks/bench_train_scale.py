@@ -28,26 +28,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.fixtures
+sys.path.insert(0, str(ROOT))  # tests.fixtures, benchmarks.user_rows
 
+from benchmarks.user_rows import write_jsonl_users  # noqa: E402
 from prefixfleet.workers.tiny import build_backbone  # noqa: E402
 from tests.fixtures import servers  # noqa: E402
 from tests.fixtures.postgres import PostgresServer  # noqa: E402
 
 TODAYS_PATH = "3633973"  # the last commit before ingest moved to Ray Data
-STEPS, ROWS, FILES = 2, 4, 8
+STEPS, ROWS = 2, 4
 _REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE) /(ajax-)?api/')
-
-
-def write_data(folder: Path, users: int) -> None:
-    folder.mkdir(parents=True)
-    outs = [(folder / f"part-{i}.jsonl").open("w") for i in range(FILES)]
-    for user in range(users):
-        for row in range(ROWS):
-            text = f"user {user} writes row {row} in their own style"
-            outs[(user + row) % FILES].write(json.dumps({"user_id": f"user-{user:07d}", "text": text}) + "\n")
-    for out in outs:
-        out.close()
 
 
 def old_package(root: Path) -> Path:
@@ -100,8 +90,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         backbone = build_backbone(root / "backbone", "gpt2")
-        write_data(root / "sample", args.sample)
-        write_data(root / "all", args.users)
+        write_jsonl_users(root / "sample", args.sample, ROWS)
+        write_jsonl_users(root / "all", args.users, ROWS)
         shim = old_package(root)
         pg = PostgresServer.launch(durable=True).wait()
         s3 = servers.launch_s3_server(root / "s3").wait()
