@@ -1,0 +1,138 @@
+"""Iteration-level decoding (invariant 3 for continuous batching): rows of different users,
+methods and prefix lengths share decode steps, join mid-flight and leave early, and each row's
+greedy tokens equal transformers' `generate` for that user alone — for every family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixfleet.workers import decoding
+from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.generate import generate_ids
+from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
+from prefixfleet.workers.sampling import Sampling, next_tokens, row_generator
+from prefixfleet.workers.spec import PrefixSpec
+from prefixfleet.workers.tiny import SPECIAL_TOKENS
+from tests.fixtures.backbones import FAMILIES
+
+PROMPTS = ("order 3 kite for Bo\n", "hi", "order 9 lamp for Kim, and a longer note\n", "Dear Ana", "x",
+           "order 1 mug for Jo\n")
+# (method, prefix length, step at which the row joins, new tokens): every method, three prefix
+# lengths, a bare row, rows joining while others run and rows leaving before others.
+ROWS = (("prefix", 5, 0, 10), ("prompt", 3, 0, 4), ("ptuning-v2", 7, 2, 9), (None, 0, 3, 6),
+        ("prompt", 5, 5, 8), ("ptuning-v2", 2, 9, 3))
+
+
+@pytest.fixture(scope="module")
+def endless(tiny_backbones) -> dict[str, Backbone]:
+    """Tiny backbones that never stop early (random tiny models emit end-of-sequence at once)."""
+    out = {}
+    for family in FAMILIES:
+        backbone = tiny_backbones.load(family)
+        backbone.model.generation_config.eos_token_id = None
+        out[family] = backbone
+    return out
+
+
+def _prefix(backbone: Backbone, method: str | None, length: int, seed: int) -> PrefixTensors | None:
+    if method is None:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(backbone, PrefixSpec(method=method, num_virtual_tokens=length))
+    # Strong prefixes: at unit scale a tiny random T5 answers every prefix alike.
+    return {name: 5 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def _no_special(logits: torch.Tensor) -> torch.Tensor:
+    logits[:, : len(SPECIAL_TOKENS)] = float("-inf")
+    return logits
+
+
+def _run(backbone: Backbone, rows: list[tuple[PrefixTensors | None, str, int, int]]) -> tuple[list[list[int]], int]:
+    """Decode `rows` (prefix, prompt, join step, new tokens) as a scheduler would: each joins at its
+    step, all running rows share each step, a row leaves once it has its tokens. Returns each
+    row's tokens and the most rows that shared one step."""
+    out: list[list[int]] = [[] for _ in rows]
+    running: list[int] = []
+    state = logits = None
+    widest, step = 0, 0
+    while step == 0 or running:
+        for i, (prefix, prompt, at, _) in enumerate(rows):
+            if at == step:
+                new, first = decoding.prefill(backbone, prefix, decoding.prompt_ids(backbone, prompt))
+                state, logits = decoding.join(state, new), first if logits is None else torch.cat([logits, first])
+                running.append(i)
+        tokens = next_tokens(_no_special(logits), [Sampling()] * len(running), [None] * len(running))
+        for i, token in zip(running, tokens.tolist(), strict=True):
+            out[i].append(token)
+        stay = [k for k, i in enumerate(running) if len(out[i]) < rows[i][3]]
+        state, running = decoding.keep(state, stay), [running[k] for k in stay]
+        if running:
+            widest = max(widest, len(running))
+            logits = decoding.decode_step(backbone, state, tokens[stay])
+        else:
+            state = logits = None
+        step += 1
+    return out, widest
+
+
+def _alone(backbone: Backbone, prefix: PrefixTensors | None, prompt: str, new_tokens: int) -> list[int]:
+    backbone.model.generation_config.suppress_tokens = list(range(len(SPECIAL_TOKENS)))
+    try:
+        return generate_ids(backbone, [prefix], [prompt], max_new_tokens=new_tokens)[0]
+    finally:
+        backbone.model.generation_config.suppress_tokens = None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_joining_and_leaving_equal_each_user_alone(endless, family):
+    backbone = endless[family]
+    rows = [(_prefix(backbone, method, length, seed), PROMPTS[seed], at, new)
+            for seed, (method, length, at, new) in enumerate(ROWS)]
+
+    mixed, widest = _run(backbone, rows)
+
+    assert widest >= 4  # rows of every method and three prefix lengths shared steps
+    assert mixed == [_alone(backbone, prefix, prompt, new) for prefix, prompt, _, new in rows]
+    # Each row reads its own prefix: swapping the prefixes of the two prompt-tuning rows and of
+    # the two P-tuning v2 rows changes tokens.
+    swapped = [rows[0], (rows[4][0], *rows[1][1:]), (rows[5][0], *rows[2][1:]), rows[3],
+               (rows[1][0], *rows[4][1:]), (rows[2][0], *rows[5][1:])]
+    assert _run(backbone, swapped)[0] != mixed
+
+
+def test_a_row_s_cache_shrinks_when_the_longest_row_leaves(endless):
+    backbone = endless["gpt2"]
+    long, _ = decoding.prefill(backbone, None, decoding.prompt_ids(backbone, PROMPTS[2]))
+    short, _ = decoding.prefill(backbone, None, decoding.prompt_ids(backbone, PROMPTS[1]))
+    both = decoding.join(long, short)
+    assert both.length == long.length and len(both) == 2
+
+    rest = decoding.keep(both, [1])
+
+    assert rest.length == short.length
+    assert [layer.keys.shape[-2] for layer in rest.cache.layers] == [short.length] * len(rest.cache.layers)
+
+
+def test_a_seeded_row_draws_the_same_tokens_whoever_shares_its_step(endless):
+    backbone = endless["llama"]
+    how = Sampling(do_sample=True, temperature=0.9, top_k=40, top_p=0.9)
+
+    def draw(shared: bool) -> list[int]:
+        rows, logits = decoding.prefill(backbone, None, decoding.prompt_ids(backbone, PROMPTS[0]))
+        settings, generators = [how], [row_generator(7, backbone.device)]
+        if shared:  # a sampled neighbour with another prefix, ahead of it in the batch
+            other, first = decoding.prefill(backbone, _prefix(backbone, "prefix", 4, 1),
+                                            decoding.prompt_ids(backbone, PROMPTS[3]))
+            rows, logits = decoding.join(other, rows), torch.cat([first, logits])
+            settings, generators = [Sampling(do_sample=True), how], [row_generator(None, backbone.device), *generators]
+        tokens = []
+        for _ in range(12):
+            step = next_tokens(logits, settings, generators)
+            tokens.append(int(step[-1]))
+            logits = decoding.decode_step(backbone, rows, step)
+        return tokens
+
+    alone = draw(shared=False)
+    assert draw(shared=True) == alone
+    assert len(set(alone)) > 1
