@@ -5,12 +5,12 @@ Every user runs a closed loop (send a request, wait for the answer, send the nex
   PEFT user by user   one PeftModel, one PrefixTuning adapter per user (written by
                       workers.peft_interop.export_peft from the same prefixes), a single worker
                       serving requests in arrival order: set_adapter(user), generate. In-process.
-  ours, no batching   our service with max_batch_size=1 (what cross-user batching is worth).
-  ours, in-process    our service: cache + cross-user dynamic batcher, called directly.
+  ours, no batching   our service with max_rows=1 (what cross-user batching is worth).
+  ours, in-process    our service: cache + continuous-batching engine, called directly.
   ours, HTTP          the same service behind the in-process uvicorn server, over loopback HTTP
                       from clients in another process.
 
-Reports generated tokens/s, p50/p99 request latency, rows per forward pass and the ratio to PEFT.
+Reports generated tokens/s, p50/p99 request latency, rows per decode step and the ratio to PEFT.
 Correctness is checked against ours generating for each user alone: every system's text for each
 (user, prompt), PEFT's forward pass on that continuation (its argmax must predict it token by
 token), and whether PEFT's own generate used the prefix at all. Clients are threads (of the
@@ -219,8 +219,6 @@ def main() -> None:
     parser.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="batch closes after this quiet gap…")
-    parser.add_argument("--max-delay-ms", type=float, default=25.0, help="… or this long after its first request")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for every system (small models run best on one)")
     args = parser.parse_args()
@@ -239,15 +237,15 @@ def main() -> None:
     def measure(name: str, answer: Answer, service: PrefixService | None = None,
                 load: Callable[[], Run] | None = None) -> Run:
         closed_loop("warm-up", answer, args.users, 1)
-        before = service.batcher.batches if service else 0
+        stats = service.engine.stats if service else None
+        before = (stats.steps, stats.row_steps) if stats else (0, 0)
         run = load() if load else closed_loop(name, answer, args.users, args.requests)
-        if service:
-            run.rows_per_pass = args.users * args.requests / (service.batcher.batches - before)
+        if stats:
+            run.rows_per_pass = (stats.row_steps - before[1]) / max(1, stats.steps - before[0])
         return run
 
     def service(batch: int) -> PrefixService:
-        return PrefixService(backbone, registry, ServeConfig(max_batch_size=batch, max_wait_ms=args.max_wait_ms,
-                                                                max_delay_ms=args.max_delay_ms))
+        return PrefixService(backbone, registry, ServeConfig(max_rows=batch))
 
     runs: list[Run] = []
     peft, peft_base = peft_model(backbone_dir, adapters)
@@ -275,7 +273,7 @@ def main() -> None:
     agreed = agreement(backbone, prefixes, peft, prompts, {k: v[0] for k, v in first.outputs.items()},
                        args.max_new_tokens)
     pairs = len(prompts)
-    print("\n| system | tokens/s | p50 latency (ms) | p99 latency (ms) | rows per pass | vs PEFT | same text as ours alone |")
+    print("\n| system | tokens/s | p50 latency (ms) | p99 latency (ms) | rows per step | vs PEFT | same text as ours alone |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         same = sum(run.outputs[k][0] == agreed.alone[k] for k in prompts)

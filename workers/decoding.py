@@ -1,10 +1,10 @@
 """Iteration-level decoding over the frozen backbone: rows of different users, methods and prefix
 lengths in one batched KV cache, joining and leaving at any step.
 
-A row enters by `prefill` — alone, through the same prefix wiring and the same call that
-`generate.py` makes for one row, so its cache and first logits are those of generating for that
-user alone. After prefill a row is only a key/value cache (its prefix, its prompt, its tokens so
-far), whatever its method: every row then shares every `decode_step`. Rows are kept left-padded to
+Rows enter by `prefill`, several of one prefix layout at once, through the same prefix wiring and
+padded as `generate.py` pads a batch; then each row's cache is closed up (no padding between its
+prefix and its prompt). After prefill a row is only a key/value cache (its prefix, its prompt, its
+tokens so far), whatever its method: every row then shares every `decode_step`. Rows are kept left-padded to
 one length; the attention mask hides the padding, and each decoder-only row carries its own
 position ids, so a row's logits never depend on who shares its step. Encoder-decoder rows also
 carry their encoder states, right-padded, with their mask.
@@ -56,18 +56,32 @@ def prompt_ids(backbone: Backbone, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def prefill(backbone: Backbone, prefix: PrefixTensors | None, ids: Sequence[int]) -> tuple[Rows, torch.Tensor]:
-    """One new row: its cache after reading `ids` with `prefix` (None: the bare backbone), and the
-    logits of its first new token `[1, V]`."""
-    model, device = backbone.model, backbone.device
-    input_ids = torch.tensor([list(ids)], device=device)
-    mask = torch.ones_like(input_ids)
-    rows = None if prefix is None else stack_rows([{k: v.to(device) for k, v in prefix.items()}], [0])
-    if backbone.family.encoder_decoder:
-        start = torch.full((1, 1), backbone.config.decoder_start_token_id, device=device)
+def prefill(backbone: Backbone, prefixes: Sequence[PrefixTensors | None],
+            ids: Sequence[Sequence[int]]) -> tuple[Rows, torch.Tensor]:
+    """New rows: their caches after reading `ids[i]` with `prefixes[i]` (None: the bare backbone),
+    and the logits of each row's first new token `[B, V]`. The rows must share a prefix layout;
+    they are padded as `generate_ids` pads them, then each row's cache is closed up."""
+    if len(prefixes) != len(ids) or not ids:
+        raise WorkerError(f"{len(prefixes)} prefixes for {len(ids)} prompts")
+    if any(p is None for p in prefixes) and not all(p is None for p in prefixes):
+        raise WorkerError("rows with and without a prefix cannot share one prefill")
+    model, device, pad = backbone.model, backbone.device, backbone.tokenizer.pad_token_id
+    encoder_decoder = backbone.family.encoder_decoder
+    width = max(map(len, ids))
+    if encoder_decoder:  # right-padded encoder input, as in training
+        padded = [(list(r) + [pad] * (width - len(r)), [1] * len(r) + [0] * (width - len(r))) for r in ids]
+    else:  # left-padded, as `generate` wants a decoder-only batch
+        padded = [([pad] * (width - len(r)) + list(r), [0] * (width - len(r)) + [1] * len(r)) for r in ids]
+    input_ids = torch.tensor([tokens for tokens, _ in padded], device=device)
+    mask = torch.tensor([visible for _, visible in padded], device=device)
+    rows = None if prefixes[0] is None else stack_rows(
+        [{k: v.to(device) for k, v in p.items()} for p in prefixes], list(range(len(prefixes))))
+    if encoder_decoder:
+        start = torch.full((len(ids), 1), backbone.config.decoder_start_token_id, device=device)
         call = prefixed_call(backbone, rows, input_ids, mask, start, torch.ones_like(start))
         out = call(model, use_cache=True, return_dict=True)
-        state = Rows(out.cache, call.kwargs["decoder_attention_mask"], torch.zeros(1, dtype=torch.long, device=device),
+        state = Rows(out.cache, call.kwargs["decoder_attention_mask"],
+                     torch.zeros(len(ids), dtype=torch.long, device=device),
                      out.encoder_last_hidden_state, call.kwargs["attention_mask"])
         return state, out.logits[:, -1].float()
     call = prefixed_call(backbone, rows, input_ids, mask)
@@ -77,7 +91,31 @@ def prefill(backbone: Backbone, prefix: PrefixTensors | None, ids: Sequence[int]
     if "cache" not in call.kwargs:
         call.kwargs["cache"] = DynamicCache()
     out = call(model, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return Rows(out.cache, full_mask, positions[:, -1] + 1), out.logits[:, -1].float()
+    return _closed_up(Rows(out.cache, full_mask, positions[:, -1] + 1)), out.logits[:, -1].float()
+
+
+def _closed_up(rows: Rows) -> Rows:
+    """Each row's real cache columns moved together at the right, in order: the padding between a
+    prefix and a shorter prompt goes, so a row holds no more positions than it uses. Attention
+    reads keys by mask and position ids, not by column, so nothing a row computes changes."""
+    lengths = rows.mask.sum(1)
+    width = int(lengths.max())
+    if bool((lengths == rows.length).all()):
+        return rows
+    # Column j of the new row r reads old column order[r, j - (width - lengths[r])]: the real
+    # columns of r, in order; the columns to their left read column 0 and are masked.
+    order = torch.sort((rows.mask == 0).long(), dim=1, stable=True).indices[:, :width]  # real columns first
+    shift = (width - lengths).unsqueeze(1)
+    slot = torch.arange(width, device=rows.mask.device).unsqueeze(0) - shift
+    source = torch.where(slot >= 0, order.gather(1, slot.clamp(min=0)), torch.zeros_like(slot))
+    mask = (slot >= 0).long()
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        index = source[:, None, :, None].expand(t.shape[0], t.shape[1], width, t.shape[3])
+        return t.gather(2, index) * mask[:, None, :, None].to(t.dtype)
+
+    _map_self(rows.cache, gather)
+    return Rows(rows.cache, mask, rows.positions)
 
 
 @torch.no_grad()
@@ -103,6 +141,8 @@ def keep(rows: Rows, index: Sequence[int]) -> Rows | None:
     away; None when no row is kept."""
     if not index:
         return None
+    if list(index) == list(range(len(rows))):
+        return rows  # nobody left: nothing to cut either
     at = torch.as_tensor(list(index), device=rows.mask.device)
     mask = rows.mask[at]
     first = int((mask.cumsum(1) == 0).all(0).sum())  # leading columns that are padding everywhere

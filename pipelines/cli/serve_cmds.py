@@ -54,9 +54,9 @@ def serve(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local).")] = None,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each with its own backbone.")] = 1,
     device: Annotated[str | None, typer.Option(help="torch device for the backbone (cpu, cuda, …).")] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="A batch closes after this long without a new request…")] = 5.0,
-    max_delay_ms: Annotated[float, typer.Option(help="… or this long after its first request.")] = 25.0,
+    max_rows: Annotated[int, typer.Option(min=1, help="Rows decoded together at each step.")] = 32,
+    kv_budget: Annotated[int | None, typer.Option(
+        min=1, help="Cache positions all running rows may hold (default: max-rows × the context).")] = None,
     home: HomeOption = None,
 ) -> None:
     """HTTP: POST /v1/generate {"user_id", "namespace"?, "prompt", "max_new_tokens"?}; GET /openapi.json, /healthz."""
@@ -64,7 +64,7 @@ def serve(
         from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
 
     name = _served_backbone(backbone, home)
-    config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_delay_ms=max_delay_ms)
+    config = ServeConfig(max_rows=max_rows, kv_budget=kv_budget)
     registry = open_registry(home)
     if use_ray:
         _serve_on_ray(name, registry, config, host, port, address, replicas, device)
@@ -116,8 +116,7 @@ def generate(
         recorded = artifact_format.read_header(registry.fetch(key)).metadata["backbone"]
         if not (backbone or recorded):
             fail(f"the prefix of {key} records no backbone; pass --backbone ID_OR_PATH")
-        one_at_a_time = ServeConfig(max_batch_size=1, max_wait_ms=0, max_delay_ms=0)
-        service = PrefixService(_load(backbone or recorded), registry, one_at_a_time)
+        service = PrefixService(_load(backbone or recorded), registry, ServeConfig(max_rows=1))
         try:
             request = GenerateRequest(user_id=user, namespace=namespace, prompt=prompt, max_new_tokens=max_new_tokens)
             response = asyncio.run(service.generate(request))

@@ -1,5 +1,5 @@
 """The Ray Serve deployment for clusters: each replica holds the backbone, a prefix cache and the
-same cross-user batcher and FastAPI app as the in-process server. The batching across users is
+same continuous-batching engine and FastAPI app as the in-process server. The batching across users is
 ours: Serve's `@serve.batch` never puts two model ids into one batch, and its multiplexing keeps
 few models per replica."""
 from __future__ import annotations
@@ -28,12 +28,12 @@ class PrefixFleetReplica:
 def build(backbone: str, registry: RegistryAddress, config: ServeConfig | None = None, *,
           replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, device: str | None = None,
           env: dict[str, str] | None = None) -> Application:
-    """The application to `serve.run`; each replica may take up to 4 batches' worth of requests so
-    that the batcher sees many users at once."""
+    """The application to `serve.run`; each replica may take up to 4 × max_rows requests, so that its
+    engine has rows waiting whenever a slot frees."""
     config = config or ServeConfig()
     deployment = serve.deployment(
         PrefixFleetReplica, name=APP_NAME, num_replicas=replicas,
-        max_ongoing_requests=4 * config.max_batch_size,
+        max_ongoing_requests=4 * config.max_rows,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env or {}}},
     )
     return deployment.bind(backbone, registry, config, device)

@@ -1,7 +1,11 @@
 """The HTTP contract of `POST /v1/generate` (and the errors it answers with)."""
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class GenerateRequest(BaseModel):
@@ -16,6 +20,10 @@ class GenerateRequest(BaseModel):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
+    seed: int | None = Field(None, description="Seeds this request's own sampler: the same seed, the same text.")
+    stop: list[StopString] = Field(default_factory=list, max_length=4,
+                                   description="Generation ends before the first of these strings.")
 
 
 class GenerateResponse(BaseModel):
@@ -25,8 +33,10 @@ class GenerateResponse(BaseModel):
     version: int = Field(description="The prefix version that served the request.")
     sha256: str = Field(description="sha256 of that version's artifact.")
     tokens: int = Field(description="New tokens generated, end-of-sequence included.")
-    batch_size: int = Field(description="Rows in the forward pass that served the request.")
-    users_in_batch: int = Field(description="Distinct users among those rows.")
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: end-of-sequence or a stop string; length: max_new_tokens reached.")
+    batch_size: int = Field(description="The most rows that shared a decode step with this request.")
+    users_in_batch: int = Field(description="Distinct users among the rows of that step.")
 
 
 class ErrorBody(BaseModel):

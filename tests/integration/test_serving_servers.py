@@ -24,7 +24,7 @@ def test_serving_from_the_real_servers(make_server_registry, s3_endpoint, tiny_b
     users = [f"s{i}" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         tensors = dict(zip(users, pool.map(lambda i: publish_user(other, backbone, users[i], seed=i)[1], range(8)), strict=True))
-    service = PrefixService(backbone, registry, ServeConfig(max_wait_ms=20))
+    service = PrefixService(backbone, registry, ServeConfig())
     try:
         with InProcessServer(create_app(service), port=0) as url, httpx.Client(base_url=url, timeout=60) as http:
             def ask(user: str, prompt: str) -> dict:

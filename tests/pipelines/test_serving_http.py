@@ -39,7 +39,7 @@ def published(registry, backbone) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def client(backbone, registry, published) -> Iterator[httpx.Client]:
-    service = PrefixService(backbone, registry, ServeConfig(max_batch_size=16, max_wait_ms=20))
+    service = PrefixService(backbone, registry, ServeConfig(max_rows=16))
     try:
         with InProcessServer(create_app(service), port=0) as url, httpx.Client(base_url=url, timeout=60) as http:
             yield http
@@ -53,7 +53,7 @@ def ask(client: httpx.Client, user: str, prompt: str, **extra) -> httpx.Response
 
 def test_concurrent_users_each_get_their_own_generation(client, backbone, published):
     jobs = [(user, PROMPTS[i % len(PROMPTS)]) for i, user in enumerate(USERS)] * 2
-    for user in USERS:  # warm the cache so that the concurrent round meets in the batcher
+    for user in USERS:  # warm the cache so that the concurrent round meets in the engine
         assert ask(client, user, "hi").status_code == 200
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: ask(client, *job), jobs))

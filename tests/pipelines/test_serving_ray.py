@@ -1,4 +1,4 @@
-"""The Ray Serve deployment on local Ray answers over HTTP with the same app and batcher as the
+"""The Ray Serve deployment on local Ray answers over HTTP with the same app and engine as the
 in-process server."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_ray_serve_deployment_answers(ray_serve, local_registry, tiny_backbones)
     users = {f"r{i}": publish_user(local_registry, backbone, f"r{i}", seed=i)[1] for i in range(4)}
     where = local_registry.address
     port = free_port()
-    ray_app.run(ray_app.build(backbone.name_or_path, where, ServeConfig(max_wait_ms=20)), port=port)
+    ray_app.run(ray_app.build(backbone.name_or_path, where, ServeConfig()), port=port)
 
     def ask(user: str, prompt: str) -> httpx.Response:
         return httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,

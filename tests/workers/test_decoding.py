@@ -15,12 +15,14 @@ from prefixfleet.workers.spec import PrefixSpec
 from prefixfleet.workers.tiny import SPECIAL_TOKENS
 from tests.fixtures.backbones import FAMILIES
 
-PROMPTS = ("order 3 kite for Bo\n", "hi", "order 9 lamp for Kim, and a longer note\n", "Dear Ana", "x",
-           "order 1 mug for Jo\n")
-# (method, prefix length, step at which the row joins, new tokens): every method, three prefix
-# lengths, a bare row, rows joining while others run and rows leaving before others.
-ROWS = (("prefix", 5, 0, 10), ("prompt", 3, 0, 4), ("ptuning-v2", 7, 2, 9), (None, 0, 3, 6),
-        ("prompt", 5, 5, 8), ("ptuning-v2", 2, 9, 3))
+# (method, prefix length, prompt, step at which the row joins, new tokens): every method, three
+# prefix lengths, a bare row, rows joining while others run, rows leaving before others, and rows
+# of one layout but prompts of different lengths joining at the same step (one prefill).
+ROWS = (("prefix", 5, "order 3 kite for Bo\n", 0, 10), ("prompt", 3, "hi", 0, 4),
+        ("prompt", 3, "order 9 lamp for Kim, and a longer note\n", 0, 7),
+        ("ptuning-v2", 7, "Dear Ana", 2, 9), ("ptuning-v2", 7, "x", 2, 5), (None, 0, "order 1 mug for Jo\n", 3, 6),
+        ("prompt", 5, "ship 12 mugs", 5, 8), ("ptuning-v2", 2, "hello, world", 9, 3))
+PROMPTS = tuple(prompt for _, _, prompt, _, _ in ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +50,28 @@ def _no_special(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _layout(prefix: PrefixTensors | None) -> tuple:
+    return () if prefix is None else tuple(sorted((k, tuple(v.shape)) for k, v in prefix.items()))
+
+
 def _run(backbone: Backbone, rows: list[tuple[PrefixTensors | None, str, int, int]]) -> tuple[list[list[int]], int]:
-    """Decode `rows` (prefix, prompt, join step, new tokens) as a scheduler would: each joins at its
-    step, all running rows share each step, a row leaves once it has its tokens. Returns each
-    row's tokens and the most rows that shared one step."""
+    """Decode `rows` (prefix, prompt, join step, new tokens) as the engine does: rows joining at one
+    step are prefilled together by layout, all running rows share each step, a row leaves once it
+    has its tokens. Returns each row's tokens and the most rows that shared one step."""
     out: list[list[int]] = [[] for _ in rows]
     running: list[int] = []
     state = logits = None
     widest, step = 0, 0
     while step == 0 or running:
-        for i, (prefix, prompt, at, _) in enumerate(rows):
+        joining: dict[tuple, list[int]] = {}
+        for i, (prefix, _, at, _) in enumerate(rows):
             if at == step:
-                new, first = decoding.prefill(backbone, prefix, decoding.prompt_ids(backbone, prompt))
-                state, logits = decoding.join(state, new), first if logits is None else torch.cat([logits, first])
-                running.append(i)
+                joining.setdefault(_layout(prefix), []).append(i)
+        for group in joining.values():
+            new, first = decoding.prefill(backbone, [rows[i][0] for i in group],
+                                          [decoding.prompt_ids(backbone, rows[i][1]) for i in group])
+            state, logits = decoding.join(state, new), first if logits is None else torch.cat([logits, first])
+            running += group
         tokens = next_tokens(_no_special(logits), [Sampling()] * len(running), [None] * len(running))
         for i, token in zip(running, tokens.tolist(), strict=True):
             out[i].append(token)
@@ -87,24 +97,35 @@ def _alone(backbone: Backbone, prefix: PrefixTensors | None, prompt: str, new_to
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rows_joining_and_leaving_equal_each_user_alone(endless, family):
     backbone = endless[family]
-    rows = [(_prefix(backbone, method, length, seed), PROMPTS[seed], at, new)
-            for seed, (method, length, at, new) in enumerate(ROWS)]
+    rows = [(_prefix(backbone, method, length, seed), prompt, at, new)
+            for seed, (method, length, prompt, at, new) in enumerate(ROWS)]
 
     mixed, widest = _run(backbone, rows)
 
     assert widest >= 4  # rows of every method and three prefix lengths shared steps
     assert mixed == [_alone(backbone, prefix, prompt, new) for prefix, prompt, _, new in rows]
-    # Each row reads its own prefix: swapping the prefixes of the two prompt-tuning rows and of
-    # the two P-tuning v2 rows changes tokens.
-    swapped = [rows[0], (rows[4][0], *rows[1][1:]), (rows[5][0], *rows[2][1:]), rows[3],
-               (rows[1][0], *rows[4][1:]), (rows[2][0], *rows[5][1:])]
+    # Each row reads its own prefix: passing the prefixes of each method on to the next row of
+    # that method changes tokens.
+    swapped = list(rows)
+    for method in ("prefix", "prompt", "ptuning-v2"):
+        same = [i for i, row in enumerate(ROWS) if row[0] == method]
+        for i, j in zip(same, same[1:] + same[:1], strict=True):
+            swapped[j] = (rows[i][0], *rows[j][1:])
     assert _run(backbone, swapped)[0] != mixed
+
+
+def test_a_prefill_of_several_rows_closes_up_each_row_s_cache(endless):
+    backbone = endless["llama"]
+    prefixes = [_prefix(backbone, "ptuning-v2", 4, s) for s in range(2)]
+    rows, _ = decoding.prefill(backbone, prefixes, [decoding.prompt_ids(backbone, p) for p in ("a", "abcdef")])
+    assert rows.mask.tolist() == [[0] * 5 + [1] * 5, [1] * 10]
+    assert rows.positions.tolist() == [5, 10]
 
 
 def test_a_row_s_cache_shrinks_when_the_longest_row_leaves(endless):
     backbone = endless["gpt2"]
-    long, _ = decoding.prefill(backbone, None, decoding.prompt_ids(backbone, PROMPTS[2]))
-    short, _ = decoding.prefill(backbone, None, decoding.prompt_ids(backbone, PROMPTS[1]))
+    long, _ = decoding.prefill(backbone, [None], [decoding.prompt_ids(backbone, PROMPTS[2])])
+    short, _ = decoding.prefill(backbone, [None], [decoding.prompt_ids(backbone, PROMPTS[1])])
     both = decoding.join(long, short)
     assert both.length == long.length and len(both) == 2
 
@@ -119,11 +140,11 @@ def test_a_seeded_row_draws_the_same_tokens_whoever_shares_its_step(endless):
     how = Sampling(do_sample=True, temperature=0.9, top_k=40, top_p=0.9)
 
     def draw(shared: bool) -> list[int]:
-        rows, logits = decoding.prefill(backbone, None, decoding.prompt_ids(backbone, PROMPTS[0]))
+        rows, logits = decoding.prefill(backbone, [None], [decoding.prompt_ids(backbone, PROMPTS[0])])
         settings, generators = [how], [row_generator(7, backbone.device)]
         if shared:  # a sampled neighbour with another prefix, ahead of it in the batch
-            other, first = decoding.prefill(backbone, _prefix(backbone, "prefix", 4, 1),
-                                            decoding.prompt_ids(backbone, PROMPTS[3]))
+            other, first = decoding.prefill(backbone, [_prefix(backbone, "prefix", 4, 1)],
+                                            [decoding.prompt_ids(backbone, PROMPTS[3])])
             rows, logits = decoding.join(other, rows), torch.cat([first, logits])
             settings, generators = [Sampling(do_sample=True), how], [row_generator(None, backbone.device), *generators]
         tokens = []
