@@ -8,8 +8,10 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from prefixfleet.pipelines.serving.openai_routes import NoChatTemplate, add_openai_routes
 from prefixfleet.pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
 from prefixfleet.pipelines.serving.service import BadRequest, PrefixService
 from prefixfleet.registry import IntegrityError, InvalidUserKey, NotFound, RegistryError
@@ -17,24 +19,43 @@ from prefixfleet.workers.errors import BackboneMismatch, WorkerError
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
-    (NotFound, 404), (InvalidUserKey, 422), (BadRequest, 422), (BackboneMismatch, 409),
+    (NotFound, 404), (InvalidUserKey, 422), (NoChatTemplate, 400), (BadRequest, 422), (BackboneMismatch, 409),
     (IntegrityError, 500), (RegistryError, 503), (WorkerError, 500),
 )
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 422: "invalid_request_error"}
+
+
+def error_body(message: str, status: int) -> JSONResponse:
+    """One line, under both our key (`detail`) and OpenAI's (`error`)."""
+    line = " ".join(message.split())
+    kind = _TYPES.get(status, "server_error")
+    return JSONResponse({"detail": line, "error": {"message": line, "type": kind, "param": None, "code": status}},
+                        status_code=status)
 
 
 def _error_response(_: Request, exc: Exception) -> JSONResponse:
-    status = next(code for kind, code in _STATUS if isinstance(exc, kind))
-    return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=status)
+    return error_body(str(exc), next(code for kind, code in _STATUS if isinstance(exc, kind)))
+
+
+def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """Which fields are wrong and why, on one line."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "body"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return error_body("; ".join(problems)[:1000], 422)
 
 
 def create_app(service: PrefixService) -> FastAPI:
     app = FastAPI(
         title="prefixfleet", version="1",
-        description="Generation with per-user prefixes on one shared backbone; requests of different "
-                    "users are batched into one forward pass.",
+        description="Generation with per-user prefixes on one shared backbone: every decode step carries "
+                    "rows of many users. OpenAI-compatible routes under /v1 (model = \"namespace/user\").",
     )
     for kind, _ in _STATUS:
         app.add_exception_handler(kind, _error_response)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    add_openai_routes(app, service)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses={
         404: {"model": ErrorBody, "description": "No production prefix for this user."},

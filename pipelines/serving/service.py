@@ -3,15 +3,19 @@ server and the Ray Serve deployment both wrap."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from prefixfleet.pipelines.serving.cache import PrefixCache, ServedPrefix
-from prefixfleet.pipelines.serving.engine import Engine, Finished, RowSettings
+from prefixfleet.pipelines.serving.engine import Engine, Finished, Row, RowSettings
 from prefixfleet.pipelines.serving.schemas import GenerateRequest, GenerateResponse
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.decoding import prompt_ids
+from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.sampling import Sampling
 
 
@@ -22,13 +26,50 @@ class BadRequest(ValueError):
 @dataclass(frozen=True)
 class ServeConfig:
     """Cache bounds (bytes per tier) and the engine: rows decoded together, the KV budget in cache
-    positions (None: `max_rows` × the backbone's context) and prompt tokens prefilled per step."""
+    positions (None: `max_rows` × the backbone's context) and prompt tokens prefilled per step;
+    `max_new_tokens`: what a chat completion that names no limit may generate at most."""
 
     device_bytes: int = 512 << 20
     host_bytes: int = 1 << 30
     max_rows: int = 32
     kv_budget: int | None = None
     prefill_tokens: int = 512
+    max_new_tokens: int = 1024
+
+
+@dataclass
+class Choices:
+    """The rows of one request: prompt i, sample j is choice i × n + j. `events()` yields
+    (choice, text) as text is decided and (choice, Finished) as each ends."""
+
+    prefix: ServedPrefix
+    rows: list[Row]
+    prompt_tokens: int
+    _events: asyncio.Queue[tuple[int, str | Future[Finished]]]
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancel()
+
+    async def finished(self) -> list[Finished]:
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(r.future) for r in self.rows)))
+        except BaseException:  # the caller went away, or a row failed: free every row
+            self.cancel()
+            raise
+
+    async def events(self) -> AsyncIterator[tuple[int, str | Finished]]:
+        left = len(self.rows)
+        try:
+            while left:
+                index, item = await self._events.get()
+                if isinstance(item, str):
+                    yield index, item
+                    continue
+                left -= 1
+                yield index, item.result()  # a failed row raises here
+        finally:
+            self.cancel()
 
 
 class PrefixService:
@@ -43,35 +84,72 @@ class PrefixService:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Raises registry.NotFound (unknown user), BackboneMismatch, InvalidUserKey or BadRequest."""
-        prefix, ids = await asyncio.to_thread(self._prepare, request)
-        done = await self._run(prefix, ids, settings(request))
-        ref = prefix.ref
+        key = UserKey(request.namespace, request.user_id)
+        choices = await self.submit(key, [request.prompt], settings(request))
+        done, = await choices.finished()
+        ref = choices.prefix.ref
         return GenerateResponse(
             text=done.text, user_id=ref.user_id, namespace=ref.namespace, version=ref.version, sha256=ref.sha256,
             tokens=len(done.token_ids), finish_reason=done.finish_reason, batch_size=done.rows_in_step,
             users_in_batch=done.users_in_step,
         )
 
-    async def _run(self, prefix: ServedPrefix, ids: list[int], how: RowSettings) -> Finished:
+    async def submit(self, key: UserKey, prompts: list[str], how: RowSettings, n: int = 1, *,
+                     fit_context: bool = False) -> Choices:
+        """Queue n rows per prompt with the user's production prefix (a seeded request's sample j
+        uses seed + j); `fit_context`: fewer new tokens than asked where the context ends sooner.
+        Raises as `generate` does, before anything runs."""
+        prefix = await asyncio.to_thread(self.cache.get, key)
+        ids = [self._prompt_ids(prefix, prompt, how.max_new_tokens, fit_context) for prompt in prompts]
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, str | Future[Finished]]] = asyncio.Queue()
+        choices = Choices(prefix, [], sum(map(len, ids)), events)
+        owner = (prefix.ref.namespace, prefix.ref.user_id)
         try:
-            row = self.engine.submit(prefix.tensors, ids, how, user=(prefix.ref.namespace, prefix.ref.user_id))
+            for index, row_ids in enumerate(i for i in ids for _ in range(n)):
+                fits = self.context_left(prefix, len(row_ids))
+                row_how = replace(how, seed=None if how.seed is None else how.seed + index % n,
+                                  max_new_tokens=min(how.max_new_tokens, fits or how.max_new_tokens))
+                row = self.engine.submit(prefix.tensors, row_ids, row_how, user=owner,
+                                         on_text=partial(_post, loop, events, index))
+                row.future.add_done_callback(partial(_post, loop, events, index))
+                choices.rows.append(row)
         except ValueError as exc:
+            choices.cancel()
             raise BadRequest(str(exc)) from exc
-        try:
-            return await asyncio.wrap_future(row.future)
-        except asyncio.CancelledError:  # the caller went away: free its row
-            row.cancel()
-            raise
+        return choices
 
-    def _prepare(self, request: GenerateRequest) -> tuple[ServedPrefix, list[int]]:
-        prefix = self.cache.get(UserKey(request.namespace, request.user_id))
-        ids = prompt_ids(self.backbone, request.prompt)
-        limit = self.backbone.max_positions
-        used = len(ids) + prefix.num_virtual_tokens + request.max_new_tokens
-        if limit is not None and not self.backbone.family.encoder_decoder and used > limit:
+    def _prompt_ids(self, prefix: ServedPrefix, prompt: str, max_new_tokens: int, fit_context: bool) -> list[int]:
+        try:
+            ids = prompt_ids(self.backbone, prompt)
+        except WorkerError as exc:
+            raise BadRequest(str(exc)) from exc
+        limit = self.context_left(prefix, len(ids))
+        if limit is not None and (limit < 1 or max_new_tokens > limit and not fit_context):
             raise BadRequest(f"prompt ({len(ids)} tokens) + prefix ({prefix.num_virtual_tokens}) + max_new_tokens "
-                             f"({request.max_new_tokens}) = {used} exceeds the backbone's context of {limit} positions")
-        return prefix, ids
+                             f"({max_new_tokens}) exceeds the backbone's context of {self.backbone.max_positions} positions")
+        return ids
+
+    def context_left(self, prefix: ServedPrefix, prompt_tokens: int) -> int | None:
+        """New tokens that still fit the backbone's context (None: no limit)."""
+        limit = self.backbone.max_positions
+        if limit is None or self.backbone.family.encoder_decoder:
+            return None
+        return limit - prompt_tokens - prefix.num_virtual_tokens
+
+    def list_models(self, limit: int, after: UserKey | None) -> tuple[list[UserKey], bool]:
+        """Up to `limit` users with a production prefix, in the registry's order, after the user
+        `after`; and whether more follow. Reads the registry's listing from its start: a deep page
+        costs the pages before it."""
+        start = after.model_name(self.registry.prefix) if after else ""
+        page: list[UserKey] = []
+        for key, model in self.registry.models():
+            if model.name <= start or self.cache.alias not in model.aliases:
+                continue
+            if len(page) == limit:
+                return page, True
+            page.append(key)
+        return page, False
 
     def health(self) -> dict[str, Any]:
         stats = self.engine.stats
@@ -84,6 +162,14 @@ class PrefixService:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, item: str | Future[Finished]) -> None:
+    """From the engine thread to the request's event loop (a loop already gone drops it)."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, (index, item))
+    except RuntimeError:
+        pass
 
 
 def settings(request: GenerateRequest) -> RowSettings:
