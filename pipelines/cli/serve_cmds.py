@@ -17,6 +17,7 @@ from prefixfleet.workers.errors import WorkerError
 
 if TYPE_CHECKING:
     from prefixfleet.pipelines.serving import ServeConfig
+    from prefixfleet.pipelines.serving.keys import ApiKeys
     from prefixfleet.workers.backbone import Backbone
 
 BackboneOption = Annotated[str | None, typer.Option(
@@ -53,26 +54,42 @@ def serve(
     use_ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of in-process.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local).")] = None,
     replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each with its own backbone.")] = 1,
+    replica_gpus: Annotated[float | None, typer.Option(
+        min=0, help="GPUs per Ray Serve replica, fractions allowed (default: 1 with a cuda device, else 0).")] = None,
     device: Annotated[str | None, typer.Option(help="torch device for the backbone (cpu, cuda, …).")] = None,
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", envvar="PREFIXFLEET_KEYS",
+        help="API keys file: 'namespace sha256' lines (make them with `prefixfleet api-key`).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback address without API keys.")] = False,
     max_rows: Annotated[int, typer.Option(min=1, help="Rows decoded together at each step.")] = 32,
     kv_budget: Annotated[int | None, typer.Option(
         min=1, help="Cache positions all running rows may hold (default: max-rows × the context).")] = None,
     home: HomeOption = None,
 ) -> None:
-    """HTTP: POST /v1/generate {"user_id", "namespace"?, "prompt", "max_new_tokens"?}; GET /openapi.json, /healthz."""
+    """HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models (model = "namespace/user");
+    POST /v1/generate; GET /openapi.json, /healthz."""
     with needs("serve"):
         from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
+        from prefixfleet.pipelines.serving.keys import ApiKeys, KeysFileError, is_loopback
 
+    try:
+        api_keys = ApiKeys.load(keys) if keys else None
+    except KeysFileError as exc:
+        fail(str(exc))
+    if api_keys is None and not is_loopback(host) and not insecure:
+        fail(f"refusing to serve on {host} without API keys: anyone who reaches it could generate with every "
+             "tenant's users. Pass --keys FILE, or --insecure to do it anyway.")
     name = _served_backbone(backbone, home)
     config = ServeConfig(max_rows=max_rows, kv_budget=kv_budget)
     registry = open_registry(home)
     if use_ray:
-        _serve_on_ray(name, registry, config, host, port, address, replicas, device)
+        gpus = replica_gpus if replica_gpus is not None else (1.0 if (device or "").startswith("cuda") else 0.0)
+        _serve_on_ray(name, registry, config, api_keys, host, port, address, replicas, device, gpus)
         return
     service = PrefixService(_load(name, device), registry, config)
     typer.echo(f"serving {name} on http://{host}:{port} (POST /v1/generate, GET /openapi.json)", err=True)
     try:
-        InProcessServer(create_app(service), host=host, port=port).run()
+        InProcessServer(create_app(service, api_keys), host=host, port=port).run()
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C: a normal stop
         typer.echo("stopped", err=True)
     finally:
@@ -80,8 +97,8 @@ def serve(
         registry.close()
 
 
-def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, host: str, port: int,
-                  address: str | None, replicas: int, device: str | None) -> None:
+def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, keys: ApiKeys | None, host: str, port: int,
+                  address: str | None, replicas: int, device: str | None, gpus: float) -> None:
     with needs("serve"):
         from prefixfleet.pipelines.cluster import actor_env, connect_ray
         from prefixfleet.pipelines.serving import ray_app
@@ -89,10 +106,31 @@ def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, host: str,
     where = registry.address
     registry.close()
     local = connect_ray(address)
-    application = ray_app.build(name, where, config, replicas=replicas, num_gpus=1 if (device or "").startswith("cuda") else 0,
-                                device=device, env=actor_env(local))
+    application = ray_app.build(name, where, config, keys=keys, replicas=replicas, num_gpus=gpus, device=device,
+                                env=actor_env(local))
     typer.echo(f"deploying {name} on Ray Serve at http://{host}:{port}", err=True)
     ray_app.run(application, host=host, port=port, blocking=True)
+
+
+@app.command("api-key")
+def api_key(
+    namespace: Annotated[str, typer.Argument(help="The namespace the key may use.")],
+    keys: Annotated[Path, typer.Option("--keys", envvar="PREFIXFLEET_KEYS", help="The keys file to append to.")],
+) -> None:
+    """Make an API key for NAMESPACE: its hash is appended to the keys file, the key is printed once."""
+    from prefixfleet.pipelines.serving.keys import new_key
+    from prefixfleet.registry import InvalidUserKey
+
+    try:
+        key, line = new_key(namespace)
+    except InvalidUserKey as exc:
+        fail(str(exc))
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    with keys.open("a") as out:
+        out.write(line + "\n")
+    keys.chmod(0o600)
+    typer.echo(key)
+    typer.echo(f"granted namespace {namespace!r} in {keys}; the key is not stored anywhere: keep it", err=True)
 
 
 @app.command()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from prefixfleet.pipelines.serving.keys import ApiKeys, Caller, Unauthorized, current_caller
 from prefixfleet.pipelines.serving.openai_routes import NoChatTemplate, add_openai_routes
 from prefixfleet.pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
 from prefixfleet.pipelines.serving.service import BadRequest, PrefixService
@@ -19,10 +20,11 @@ from prefixfleet.workers.errors import BackboneMismatch, WorkerError
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
-    (NotFound, 404), (InvalidUserKey, 422), (NoChatTemplate, 400), (BadRequest, 422), (BackboneMismatch, 409),
-    (IntegrityError, 500), (RegistryError, 503), (WorkerError, 500),
+    (Unauthorized, 401), (NotFound, 404), (InvalidUserKey, 422), (NoChatTemplate, 400), (BadRequest, 422),
+    (BackboneMismatch, 409), (IntegrityError, 500), (RegistryError, 503), (WorkerError, 500),
 )
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 422: "invalid_request_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
+          422: "invalid_request_error"}
 
 
 def error_body(message: str, status: int) -> JSONResponse:
@@ -30,7 +32,7 @@ def error_body(message: str, status: int) -> JSONResponse:
     line = " ".join(message.split())
     kind = _TYPES.get(status, "server_error")
     return JSONResponse({"detail": line, "error": {"message": line, "type": kind, "param": None, "code": status}},
-                        status_code=status)
+                        status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
 def _error_response(_: Request, exc: Exception) -> JSONResponse:
@@ -46,7 +48,8 @@ def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error_body("; ".join(problems)[:1000], 422)
 
 
-def create_app(service: PrefixService) -> FastAPI:
+def create_app(service: PrefixService, keys: ApiKeys | None = None) -> FastAPI:
+    """The app; with `keys`, every /v1 route needs a key and sees only its namespace."""
     app = FastAPI(
         title="prefixfleet", version="1",
         description="Generation with per-user prefixes on one shared backbone: every decode step carries "
@@ -55,6 +58,7 @@ def create_app(service: PrefixService) -> FastAPI:
     for kind, _ in _STATUS:
         app.add_exception_handler(kind, _error_response)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.state.keys = keys
     add_openai_routes(app, service)
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses={
@@ -62,13 +66,18 @@ def create_app(service: PrefixService) -> FastAPI:
         409: {"model": ErrorBody, "description": "The user's prefix was trained on another backbone."},
         422: {"description": "The request is malformed or cannot fit the backbone."},
     })
-    async def generate(request: GenerateRequest) -> GenerateResponse:
+    async def generate(request: GenerateRequest, who: Annotated[Caller, Depends(current_caller)]) -> GenerateResponse:
         """Continue the prompt with the user's production prefix."""
-        return await service.generate(request)
+        return await service.generate(request, who)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        """The served backbone, batch count and cache usage."""
+    def healthz(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """"ok"; to a caller with a key (or on a server without keys) also the backbone, the
+        engine's load and the cache's usage."""
+        try:
+            current_caller(request, authorization)
+        except Unauthorized:
+            return {"status": "ok"}
         return service.health()
 
     return app

@@ -8,29 +8,29 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 from sse_starlette import EventSourceResponse
 
 from prefixfleet.pipelines.serving.engine import Finished, RowSettings
+from prefixfleet.pipelines.serving.keys import Caller, current_caller
 from prefixfleet.pipelines.serving.openai_schemas import ChatRequest, CompletionRequest
 from prefixfleet.pipelines.serving.service import BadRequest, Choices, PrefixService
 from prefixfleet.registry import InvalidUserKey, NotFound, UserKey
 from prefixfleet.workers.sampling import Sampling
-
-DEFAULT_NAMESPACE = "default"
 
 
 class NoChatTemplate(BadRequest):
     """The backbone's tokenizer has no chat template."""
 
 
-def model_key(model: str) -> UserKey:
-    """The user a `model` names; an impossible name is as unknown as a missing user."""
-    namespace, _, user = model.partition("/") if "/" in model else (DEFAULT_NAMESPACE, "", model)
+def model_key(model: str, caller: Caller) -> UserKey:
+    """The user a `model` names ("namespace/user", or a bare user in the caller's namespace); an
+    impossible name is as unknown as a missing user, and so is another tenant's user."""
+    namespace, _, user = model.partition("/") if "/" in model else (None, "", model)
     try:
-        return UserKey(namespace, user)
+        return caller.user(namespace, user)
     except InvalidUserKey:
         raise NotFound(f"the model {model!r} does not exist") from None
 
@@ -58,9 +58,9 @@ def _fingerprint(choices: Choices) -> str:
 
 def add_openai_routes(app: FastAPI, service: PrefixService) -> None:
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
+    async def completions(request: CompletionRequest, who: Annotated[Caller, Depends(current_caller)]) -> Any:
         """Continue each prompt with the user's production prefix (OpenAI's legacy completions)."""
-        choices = await service.submit(model_key(request.model), request.prompts,
+        choices = await service.submit(model_key(request.model, who), request.prompts,
                                        _settings(request, request.max_tokens), request.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": request.model, "system_fingerprint": _fingerprint(choices)}
@@ -73,10 +73,10 @@ def add_openai_routes(app: FastAPI, service: PrefixService) -> None:
                                    for i, d in enumerate(done)], "usage": _usage(choices, done)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest) -> Any:
+    async def chat_completions(request: ChatRequest, who: Annotated[Caller, Depends(current_caller)]) -> Any:
         """Answer the conversation with the user's production prefix, through the tokenizer's chat
         template (400 when the backbone has none)."""
-        key = model_key(request.model)
+        key = model_key(request.model, who)
         prompt = _chat_prompt(service, request)
         wanted = request.wanted_tokens
         choices = await service.submit(key, [prompt], _settings(request, wanted or service.config.max_new_tokens),
@@ -95,10 +95,13 @@ def add_openai_routes(app: FastAPI, service: PrefixService) -> None:
                        "usage": _usage(choices, done)}
 
     @app.get("/v1/models")
-    def models(limit: int = Query(100, ge=1, le=1000),
-               after: str | None = Query(None, description="The last id of the previous page.")) -> dict[str, Any]:
-        """Users with a production prefix, a page at a time (`after`: the last id of the page before)."""
-        page, more = service.list_models(limit, model_key(after) if after else None)
+    def models(who: Annotated[Caller, Depends(current_caller)],
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+               ) -> dict[str, Any]:
+        """The caller's users with a production prefix, a page at a time (`after`: the last id of
+        the page before)."""
+        page, more = service.list_models(limit, model_key(after, who) if after else None, who.namespace)
         data = [{"id": model_id(key), "object": "model", "created": 0, "owned_by": key.namespace} for key in page]
         return {"object": "list", "data": data, "has_more": more}
 

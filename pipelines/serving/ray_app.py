@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve import Application
 
 from prefixfleet.pipelines.serving.http import create_app
+from prefixfleet.pipelines.serving.keys import ApiKeys
 from prefixfleet.pipelines.serving.service import PrefixService, ServeConfig
 from prefixfleet.registry import RegistryAddress
 from prefixfleet.workers.backbone import load_backbone
@@ -18,15 +19,17 @@ APP_NAME = "prefixfleet"
 
 @serve.ingress()
 class PrefixFleetReplica:
-    def __init__(self, backbone: str, registry: RegistryAddress, config: ServeConfig, device: str | None) -> None:
+    def __init__(self, backbone: str, registry: RegistryAddress, config: ServeConfig, keys: ApiKeys | None,
+                 device: str | None) -> None:
         self.service = PrefixService(load_backbone(backbone, device=device), registry.open(), config)
+        self.keys = keys
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.service)
+        return create_app(self.service, self.keys)
 
 
 def build(backbone: str, registry: RegistryAddress, config: ServeConfig | None = None, *,
-          replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, device: str | None = None,
+          keys: ApiKeys | None = None, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, device: str | None = None,
           env: dict[str, str] | None = None) -> Application:
     """The application to `serve.run`; each replica may take up to 4 × max_rows requests, so that its
     engine has rows waiting whenever a slot frees."""
@@ -36,7 +39,7 @@ def build(backbone: str, registry: RegistryAddress, config: ServeConfig | None =
         max_ongoing_requests=4 * config.max_rows,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env or {}}},
     )
-    return deployment.bind(backbone, registry, config, device)
+    return deployment.bind(backbone, registry, config, keys, device)
 
 
 def run(app: Application, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> None:

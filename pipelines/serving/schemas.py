@@ -14,7 +14,8 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: str = Field(min_length=1, description="The user (or task) whose prefix to use.")
-    namespace: str = Field("default", min_length=1, description="Tenant namespace.")
+    namespace: str | None = Field(None, min_length=1,
+                                  description="Tenant namespace (default: the API key's, else 'default').")
     prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(32, ge=1, le=1024)
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")

@@ -11,6 +11,7 @@ from typing import Any
 
 from prefixfleet.pipelines.serving.cache import PrefixCache, ServedPrefix
 from prefixfleet.pipelines.serving.engine import Engine, Finished, Row, RowSettings
+from prefixfleet.pipelines.serving.keys import TRUSTED, Caller
 from prefixfleet.pipelines.serving.schemas import GenerateRequest, GenerateResponse
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.backbone import Backbone
@@ -82,9 +83,10 @@ class PrefixService:
         self.engine = Engine(backbone, max_rows=config.max_rows, kv_budget=config.kv_budget,
                              prefill_tokens=config.prefill_tokens)
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        """Raises registry.NotFound (unknown user), BackboneMismatch, InvalidUserKey or BadRequest."""
-        key = UserKey(request.namespace, request.user_id)
+    async def generate(self, request: GenerateRequest, caller: Caller = TRUSTED) -> GenerateResponse:
+        """Raises registry.NotFound (unknown user, or one the caller may not use), BackboneMismatch,
+        InvalidUserKey or BadRequest."""
+        key = caller.user(request.namespace, request.user_id)
         choices = await self.submit(key, [request.prompt], settings(request))
         done, = await choices.finished()
         ref = choices.prefix.ref
@@ -137,13 +139,13 @@ class PrefixService:
             return None
         return limit - prompt_tokens - prefix.num_virtual_tokens
 
-    def list_models(self, limit: int, after: UserKey | None) -> tuple[list[UserKey], bool]:
-        """Up to `limit` users with a production prefix, in the registry's order, after the user
-        `after`; and whether more follow. Reads the registry's listing from its start: a deep page
-        costs the pages before it."""
+    def list_models(self, limit: int, after: UserKey | None, namespace: str | None = None) -> tuple[list[UserKey], bool]:
+        """Up to `limit` users with a production prefix (of one namespace, or all), in the
+        registry's order, after the user `after`; and whether more follow. Reads the registry's
+        listing from its start: a deep page costs the pages before it."""
         start = after.model_name(self.registry.prefix) if after else ""
         page: list[UserKey] = []
-        for key, model in self.registry.models():
+        for key, model in self.registry.models(namespace):
             if model.name <= start or self.cache.alias not in model.aliases:
                 continue
             if len(page) == limit:
