@@ -64,6 +64,11 @@ def serve(
     max_rows: Annotated[int, typer.Option(min=1, help="Rows decoded together at each step.")] = 32,
     kv_budget: Annotated[int | None, typer.Option(
         min=1, help="Cache positions all running rows may hold (default: max-rows × the context).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens one request may ask for.")] = 1024,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens one request may send.")] = 8192,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting in all (more: 429).")] = 256,
+    max_queue_per_namespace: Annotated[int, typer.Option(min=1, help="Requests one namespace may have waiting.")] = 64,
+    request_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request may take (then 504).")] = 600.0,
     home: HomeOption = None,
 ) -> None:
     """HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models (model = "namespace/user");
@@ -80,7 +85,11 @@ def serve(
         fail(f"refusing to serve on {host} without API keys: anyone who reaches it could generate with every "
              "tenant's users. Pass --keys FILE, or --insecure to do it anyway.")
     name = _served_backbone(backbone, home)
-    config = ServeConfig(max_rows=max_rows, kv_budget=kv_budget)
+    if max_queue_per_namespace > max_queue:
+        fail(f"--max-queue-per-namespace ({max_queue_per_namespace}) cannot exceed --max-queue ({max_queue})")
+    config = ServeConfig(max_rows=max_rows, kv_budget=kv_budget, max_new_tokens=max_new_tokens,
+                         max_prompt_tokens=max_prompt_tokens, max_queue=max_queue,
+                         max_queue_per_tenant=max_queue_per_namespace, request_timeout_s=request_timeout)
     registry = open_registry(home)
     if use_ray:
         gpus = replica_gpus if replica_gpus is not None else (1.0 if (device or "").startswith("cuda") else 0.0)

@@ -1,31 +1,33 @@
 """Continuous batching of users' prefixes: one thread runs decode steps over every running row.
 
 Rows join at any step: waiting requests are prefilled through the shared prefix wiring (those of
-one prefix layout together) and join the running batch before the next step (`workers.decoding`). Rows leave the step they end —
-end-of-sequence, `max_new_tokens`, a stop string, or a cancel — and their slot and cache columns
-are freed at once. After prefill a row is a key/value cache, so rows of every method and prefix
-length share every step; only prefill reads the prefix's layout.
+one prefix layout together) and join the running batch before the next step
+(`workers.decoding`). Rows leave the step they end — end-of-sequence, `max_new_tokens`, a stop
+string, or a cancel — and their slot and cache columns are freed at once. After prefill a row is
+a key/value cache, so rows of every method and prefix length share every step; only prefill
+reads the prefix's layout.
 
 Each row has its own `max_new_tokens`, sampling settings, stop strings and random generator (a
 seeded row draws the same tokens whoever shares its steps).
 
-Memory is bounded by admission: the batch's cache is left-padded, so it holds rows × (its longest
-row) tokens. A request is admitted only while (running rows + 1) × (the longest need among them)
-stays within `kv_budget` tokens, a row's need being prefix + prompt + max_new_tokens (T5: the
-decoder's prefix + 1 + max_new_tokens, plus its encoder length). A request that could never fit
-is refused at submit.
+Waiting requests stand in one line per tenant (`FairQueue`, bounded per tenant and in all), and
+admission takes the tenants' heads in turn. Memory is bounded by admission: the batch's cache is
+left-padded, so it holds rows × (its longest row) tokens. A request is admitted only while
+(running rows + 1) × (the longest need among them) stays within `kv_budget` tokens, a row's need
+being prefix + prompt + max_new_tokens (T5: the decoder's prefix + 1 + max_new_tokens, plus its
+encoder length). A request that could never fit is refused at submit.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from prefixfleet.pipelines.serving.fair_queue import FairQueue
 from prefixfleet.workers import decoding
 from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.prefix import PrefixTensors
@@ -116,7 +118,7 @@ class Engine:
     """Owns one decode thread; `close()` finishes every submitted request, then stops it."""
 
     def __init__(self, backbone: Backbone, *, max_rows: int = 32, kv_budget: int | None = None,
-                 prefill_tokens: int = 512) -> None:
+                 prefill_tokens: int = 512, max_queue: int = 256, max_queue_per_tenant: int = 64) -> None:
         if max_rows < 1 or prefill_tokens < 1:
             raise ValueError("max_rows and prefill_tokens must be ≥ 1")
         self.backbone, self.max_rows, self.prefill_tokens = backbone, max_rows, prefill_tokens
@@ -125,7 +127,7 @@ class Engine:
         eos = config.eos_token_id
         self._eos = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         self._suppressed = torch.tensor(list(config.suppress_tokens or []), dtype=torch.long)
-        self._waiting: deque[Row] = deque()
+        self._waiting: FairQueue[Row] = FairQueue(max_queue_per_tenant, max_queue)
         self._running: list[Row] = []
         self._state: decoding.Rows | None = None
         self._logits: torch.Tensor | None = None
@@ -137,9 +139,10 @@ class Engine:
         self._thread.start()
 
     def submit(self, prefix: PrefixTensors | None, ids: Sequence[int], settings: RowSettings = RowSettings(), *,
-               user: Hashable = None, on_text: Callable[[str], None] | None = None) -> Row:
-        """Queue one request (`ids`: `decoding.prompt_ids`). Raises ValueError when it could never fit
-        the KV budget, RuntimeError once the engine is closed."""
+               user: Hashable = None, tenant: Hashable = None, on_text: Callable[[str], None] | None = None) -> Row:
+        """Queue one request (`ids`: `decoding.prompt_ids`) in its tenant's line. Raises ValueError
+        when it could never fit the KV budget, QueueFull when its line or the queue is full,
+        RuntimeError once the engine is closed."""
         need = row_need(self.backbone, prefix, len(ids), settings.max_new_tokens)
         if need.total > self.kv_budget:
             raise ValueError(f"the request needs {need.total} cache positions (prefix + prompt + "
@@ -148,7 +151,7 @@ class Engine:
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            self._waiting.append(row)
+            self._waiting.push(tenant, row)
             self._wake.notify()
         return row
 
@@ -188,8 +191,8 @@ class Engine:
         admitted: list[Row] = []
         tokens = 0
         with self._wake:
-            while self._waiting and tokens < self.prefill_tokens and self._fits(self._waiting[0], admitted):
-                row = self._waiting.popleft()
+            while self._waiting and tokens < self.prefill_tokens and self._fits(self._waiting.head(), admitted):
+                row = self._waiting.pop()
                 if row.cancelled.is_set() or not row.future.set_running_or_notify_cancel():
                     self._fail(row, Cancelled("cancelled before it started"))
                     continue

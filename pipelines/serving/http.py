@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from typing import Annotated, Any
 
 import uvicorn
@@ -12,27 +13,29 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from prefixfleet.pipelines.serving.keys import ApiKeys, Caller, Unauthorized, current_caller
-from prefixfleet.pipelines.serving.openai_routes import NoChatTemplate, add_openai_routes
+from prefixfleet.pipelines.serving.openai_routes import NoChatTemplate, add_openai_routes, disconnected
 from prefixfleet.pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
-from prefixfleet.pipelines.serving.service import BadRequest, PrefixService
+from prefixfleet.pipelines.serving.service import BadRequest, Busy, ClientGone, PrefixService, RequestTimeout
 from prefixfleet.registry import IntegrityError, InvalidUserKey, NotFound, RegistryError
 from prefixfleet.workers.errors import BackboneMismatch, WorkerError
 
 # Most specific first: the first matching class decides the status.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Unauthorized, 401), (NotFound, 404), (InvalidUserKey, 422), (NoChatTemplate, 400), (BadRequest, 422),
-    (BackboneMismatch, 409), (IntegrityError, 500), (RegistryError, 503), (WorkerError, 500),
+    (BackboneMismatch, 409), (Busy, 429), (RequestTimeout, 504), (ClientGone, 499), (IntegrityError, 500),
+    (RegistryError, 503), (WorkerError, 500),
 )
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
-          422: "invalid_request_error"}
+          422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout"}
 
 
 def error_body(message: str, status: int) -> JSONResponse:
     """One line, under both our key (`detail`) and OpenAI's (`error`)."""
     line = " ".join(message.split())
     kind = _TYPES.get(status, "server_error")
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(Busy.retry_after_s)}}.get(status)
     return JSONResponse({"detail": line, "error": {"message": line, "type": kind, "param": None, "code": status}},
-                        status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+                        status_code=status, headers=headers)
 
 
 def _error_response(_: Request, exc: Exception) -> JSONResponse:
@@ -65,10 +68,12 @@ def create_app(service: PrefixService, keys: ApiKeys | None = None) -> FastAPI:
         404: {"model": ErrorBody, "description": "No production prefix for this user."},
         409: {"model": ErrorBody, "description": "The user's prefix was trained on another backbone."},
         422: {"description": "The request is malformed or cannot fit the backbone."},
+        429: {"model": ErrorBody, "description": "Too many requests waiting; retry after Retry-After seconds."},
     })
-    async def generate(request: GenerateRequest, who: Annotated[Caller, Depends(current_caller)]) -> GenerateResponse:
+    async def generate(request: GenerateRequest, who: Annotated[Caller, Depends(current_caller)],
+                       http: Request) -> GenerateResponse:
         """Continue the prompt with the user's production prefix."""
-        return await service.generate(request, who)
+        return await service.generate(request, who, partial(disconnected, http))
 
     @app.get("/healthz")
     def healthz(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:

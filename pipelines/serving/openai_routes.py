@@ -4,13 +4,15 @@ and server-sent events) and `GET /v1/models`. A user's prefix is the model: `mod
 in the default namespace."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request
 from sse_starlette import EventSourceResponse
 
 from prefixfleet.pipelines.serving.engine import Finished, RowSettings
@@ -58,7 +60,8 @@ def _fingerprint(choices: Choices) -> str:
 
 def add_openai_routes(app: FastAPI, service: PrefixService) -> None:
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, who: Annotated[Caller, Depends(current_caller)]) -> Any:
+    async def completions(request: CompletionRequest, who: Annotated[Caller, Depends(current_caller)],
+                          http: Request) -> Any:
         """Continue each prompt with the user's production prefix (OpenAI's legacy completions)."""
         choices = await service.submit(model_key(request.model, who), request.prompts,
                                        _settings(request, request.max_tokens), request.n)
@@ -67,13 +70,14 @@ def add_openai_routes(app: FastAPI, service: PrefixService) -> None:
         if request.stream:
             def chunk(index: int, text: str, reason: str | None) -> dict[str, Any]:
                 return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-            return _stream(choices, head, chunk, request.include_usage)
-        done = await choices.finished()
+            return _stream(choices, head, chunk, request.include_usage, service.config.request_timeout_s)
+        done = await service.finished(choices, partial(disconnected, http))
         return head | {"choices": [{"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
                                    for i, d in enumerate(done)], "usage": _usage(choices, done)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest, who: Annotated[Caller, Depends(current_caller)]) -> Any:
+    async def chat_completions(request: ChatRequest, who: Annotated[Caller, Depends(current_caller)],
+                               http: Request) -> Any:
         """Answer the conversation with the user's production prefix, through the tokenizer's chat
         template (400 when the backbone has none)."""
         key = model_key(request.model, who)
@@ -88,8 +92,8 @@ def add_openai_routes(app: FastAPI, service: PrefixService) -> None:
                 delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
                 return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
             return _stream(choices, head | {"object": "chat.completion.chunk"}, chunk, request.include_usage,
-                           opens_with_role=True)
-        done = await choices.finished()
+                           service.config.request_timeout_s, opens_with_role=True)
+        done = await service.finished(choices, partial(disconnected, http))
         return head | {"choices": [{"index": i, "message": {"role": "assistant", "content": d.text},
                                     "logprobs": None, "finish_reason": d.finish_reason} for i, d in enumerate(done)],
                        "usage": _usage(choices, done)}
@@ -115,10 +119,17 @@ def _chat_prompt(service: PrefixService, request: ChatRequest) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _stream(choices: Choices, head: dict[str, Any], chunk: Callable[..., dict[str, Any]], include_usage: bool, *,
-            opens_with_role: bool = False) -> EventSourceResponse:
+async def disconnected(request: Request) -> None:
+    """Returns once the client has gone away (its request body is read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _stream(choices: Choices, head: dict[str, Any], chunk: Callable[..., dict[str, Any]], include_usage: bool,
+            timeout_s: float, *, opens_with_role: bool = False) -> EventSourceResponse:
     """Server-sent events: one chunk per piece of text per choice, a closing chunk per choice with
-    its finish_reason, the usage when asked, then [DONE]. A client that goes away cancels its rows."""
+    its finish_reason, the usage when asked, then [DONE]. A client that goes away cancels its rows;
+    a stream past the request timeout ends with an error event."""
 
     async def events() -> AsyncIterator[dict[str, str]]:
         def event(body: dict[str, Any]) -> dict[str, str]:
@@ -129,12 +140,18 @@ def _stream(choices: Choices, head: dict[str, Any], chunk: Callable[..., dict[st
                 yield event({"choices": [chunk(index, None, None)]})
         done: list[Finished] = []
         try:
-            async for index, item in choices.events():
-                if isinstance(item, str):
-                    yield event({"choices": [chunk(index, item, None)]})
-                else:
-                    done.append(item)
-                    yield event({"choices": [chunk(index, "", item.finish_reason)]})
+            async with asyncio.timeout(timeout_s):
+                async for index, item in choices.events():
+                    if isinstance(item, str):
+                        yield event({"choices": [chunk(index, item, None)]})
+                    else:
+                        done.append(item)
+                        yield event({"choices": [chunk(index, "", item.finish_reason)]})
+        except TimeoutError:
+            choices.cancel()
+            yield {"data": json.dumps({"error": {"message": f"the request did not finish within {timeout_s:g} s",
+                                                 "type": "timeout"}})}
+            return
         except Exception as exc:  # noqa: BLE001 - the stream has begun: say so in it, then end
             yield {"data": json.dumps({"error": {"message": " ".join(str(exc).split()), "type": "server_error"}})}
             return

@@ -3,7 +3,7 @@ server and the Ray Serve deployment both wrap."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from functools import partial
@@ -11,6 +11,7 @@ from typing import Any
 
 from prefixfleet.pipelines.serving.cache import PrefixCache, ServedPrefix
 from prefixfleet.pipelines.serving.engine import Engine, Finished, Row, RowSettings
+from prefixfleet.pipelines.serving.fair_queue import QueueFull
 from prefixfleet.pipelines.serving.keys import TRUSTED, Caller
 from prefixfleet.pipelines.serving.schemas import GenerateRequest, GenerateResponse
 from prefixfleet.registry import Registry, UserKey
@@ -24,11 +25,26 @@ class BadRequest(ValueError):
     """A request that can never be served as asked (the message says why)."""
 
 
+class Busy(Exception):
+    """No room to wait now (429): the message says whose line is full."""
+
+    retry_after_s = 1
+
+
+class RequestTimeout(Exception):
+    """The request ran past the server's request timeout; its rows were cancelled."""
+
+
+class ClientGone(Exception):
+    """The client went away before its answer; its rows were cancelled."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Cache bounds (bytes per tier) and the engine: rows decoded together, the KV budget in cache
-    positions (None: `max_rows` × the backbone's context) and prompt tokens prefilled per step;
-    `max_new_tokens`: what a chat completion that names no limit may generate at most."""
+    positions (None: `max_rows` × the backbone's context) and prompt tokens prefilled per step.
+    Limits: new and prompt tokens per request (a chat completion that names no limit generates up
+    to `max_new_tokens`), requests waiting per namespace and in all, seconds per request."""
 
     device_bytes: int = 512 << 20
     host_bytes: int = 1 << 30
@@ -36,6 +52,10 @@ class ServeConfig:
     kv_budget: int | None = None
     prefill_tokens: int = 512
     max_new_tokens: int = 1024
+    max_prompt_tokens: int = 8192
+    max_queue: int = 256
+    max_queue_per_tenant: int = 64
+    request_timeout_s: float = 600.0
 
 
 @dataclass
@@ -81,14 +101,16 @@ class PrefixService:
         self.backbone, self.registry, self.config = backbone, registry, config
         self.cache = PrefixCache(registry, backbone, device_bytes=config.device_bytes, host_bytes=config.host_bytes)
         self.engine = Engine(backbone, max_rows=config.max_rows, kv_budget=config.kv_budget,
-                             prefill_tokens=config.prefill_tokens)
+                             prefill_tokens=config.prefill_tokens, max_queue=config.max_queue,
+                             max_queue_per_tenant=config.max_queue_per_tenant)
 
-    async def generate(self, request: GenerateRequest, caller: Caller = TRUSTED) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, caller: Caller = TRUSTED,
+                       gone: Callable[[], Awaitable[None]] | None = None) -> GenerateResponse:
         """Raises registry.NotFound (unknown user, or one the caller may not use), BackboneMismatch,
-        InvalidUserKey or BadRequest."""
+        InvalidUserKey, BadRequest, Busy, RequestTimeout or ClientGone (once `gone()` returns)."""
         key = caller.user(request.namespace, request.user_id)
         choices = await self.submit(key, [request.prompt], settings(request))
-        done, = await choices.finished()
+        done, = await self.finished(choices, gone)
         ref = choices.prefix.ref
         return GenerateResponse(
             text=done.text, user_id=ref.user_id, namespace=ref.namespace, version=ref.version, sha256=ref.sha256,
@@ -96,11 +118,33 @@ class PrefixService:
             users_in_batch=done.users_in_step,
         )
 
+    async def finished(self, choices: Choices, gone: Callable[[], Awaitable[None]] | None = None) -> list[Finished]:
+        """Every choice's outcome, within the request timeout and while the client is there
+        (`gone()` returns once it has left)."""
+        work = asyncio.ensure_future(choices.finished())
+        watchers = {work} | ({asyncio.ensure_future(gone())} if gone is not None else set())
+        try:
+            done, _ = await asyncio.wait(watchers, timeout=self.config.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in watchers - {work}:
+                task.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        choices.cancel()
+        if done:
+            raise ClientGone("the client went away")
+        raise RequestTimeout(f"the request did not finish within {self.config.request_timeout_s:g} s")
+
     async def submit(self, key: UserKey, prompts: list[str], how: RowSettings, n: int = 1, *,
                      fit_context: bool = False) -> Choices:
         """Queue n rows per prompt with the user's production prefix (a seeded request's sample j
         uses seed + j); `fit_context`: fewer new tokens than asked where the context ends sooner.
         Raises as `generate` does, before anything runs."""
+        if how.max_new_tokens > self.config.max_new_tokens:
+            raise BadRequest(f"max_new_tokens ({how.max_new_tokens}) exceeds this server's limit of "
+                             f"{self.config.max_new_tokens} new tokens per request")
         prefix = await asyncio.to_thread(self.cache.get, key)
         ids = [self._prompt_ids(prefix, prompt, how.max_new_tokens, fit_context) for prompt in prompts]
         loop = asyncio.get_running_loop()
@@ -112,13 +156,16 @@ class PrefixService:
                 fits = self.context_left(prefix, len(row_ids))
                 row_how = replace(how, seed=None if how.seed is None else how.seed + index % n,
                                   max_new_tokens=min(how.max_new_tokens, fits or how.max_new_tokens))
-                row = self.engine.submit(prefix.tensors, row_ids, row_how, user=owner,
+                row = self.engine.submit(prefix.tensors, row_ids, row_how, user=owner, tenant=owner[0],
                                          on_text=partial(_post, loop, events, index))
                 row.future.add_done_callback(partial(_post, loop, events, index))
                 choices.rows.append(row)
         except ValueError as exc:
             choices.cancel()
             raise BadRequest(str(exc)) from exc
+        except QueueFull as exc:
+            choices.cancel()
+            raise Busy(str(exc)) from exc
         return choices
 
     def _prompt_ids(self, prefix: ServedPrefix, prompt: str, max_new_tokens: int, fit_context: bool) -> list[int]:
@@ -126,6 +173,9 @@ class PrefixService:
             ids = prompt_ids(self.backbone, prompt)
         except WorkerError as exc:
             raise BadRequest(str(exc)) from exc
+        if len(ids) > self.config.max_prompt_tokens:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; this server takes at most "
+                             f"{self.config.max_prompt_tokens} prompt tokens per request")
         limit = self.context_left(prefix, len(ids))
         if limit is not None and (limit < 1 or max_new_tokens > limit and not fit_context):
             raise BadRequest(f"prompt ({len(ids)} tokens) + prefix ({prefix.num_virtual_tokens}) + max_new_tokens "
