@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class Finished:
     prompt_tokens: int
     rows_in_step: int  # the most rows that shared a decode step with this one
     users_in_step: int  # distinct users among the rows of that step
+    first_token_s: float  # from submit to the first new token
+    latency_s: float  # from submit to the last
 
 
 class Cancelled(Exception):
@@ -74,6 +77,7 @@ class EngineStats:
     steps: int = 0
     row_steps: int = 0  # rows summed over steps: row_steps / steps = rows per step
     prefills: int = 0
+    tokens: int = 0  # new tokens chosen, every row's
     finished: int = 0
     peak_rows: int = 0
     peak_cached_tokens: int = 0
@@ -108,6 +112,8 @@ class Row:
     widest: tuple[int, int] = (0, 0)
     generator: torch.Generator | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
 
     def cancel(self) -> None:
         """Stop generating for this request; its slot is freed before the next step."""
@@ -236,6 +242,7 @@ class Engine:
             logits[:, self._suppressed] = float("-inf")
         tokens = next_tokens(logits, [r.settings.sampling for r in rows], [r.generator for r in rows])
         width = (len(rows), len({r.user for r in rows}))
+        self.stats.tokens += len(rows)
         stay = []
         for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             row.widest = max(row.widest, width)
@@ -266,6 +273,8 @@ class Engine:
     def _advance(self, row: Row, token: int) -> bool:
         """Take the row's next token; True when the row is done (and answered)."""
         row.tokens.append(token)
+        if row.first_token is None:
+            row.first_token = time.monotonic()
         if token in self._eos:
             return self._finish(row, "stop", self._text(row.tokens[:-1]))
         watch = row.settings.stop or row.on_text is not None
@@ -287,7 +296,9 @@ class Engine:
     def _finish(self, row: Row, reason: str, text: str) -> bool:
         self._send(row, text[row.sent:])
         self.stats.finished += 1
-        row.future.set_result(Finished(list(row.tokens), text, reason, len(row.ids), *row.widest))
+        first = (row.first_token or row.submitted) - row.submitted
+        row.future.set_result(Finished(list(row.tokens), text, reason, len(row.ids), *row.widest, first,
+                                       time.monotonic() - row.submitted))
         return True
 
     def _send(self, row: Row, delta: str) -> None:

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from prefixfleet.pipelines.serving.keys import ApiKeys, Caller, Unauthorized, current_caller
+from prefixfleet.pipelines.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from prefixfleet.pipelines.serving.openai_routes import NoChatTemplate, add_openai_routes, disconnected
 from prefixfleet.pipelines.serving.schemas import ErrorBody, GenerateRequest, GenerateResponse
 from prefixfleet.pipelines.serving.service import BadRequest, Busy, ClientGone, PrefixService, RequestTimeout
@@ -74,6 +75,12 @@ def create_app(service: PrefixService, keys: ApiKeys | None = None) -> FastAPI:
                        http: Request) -> GenerateResponse:
         """Continue the prompt with the user's production prefix."""
         return await service.generate(request, who, partial(disconnected, http))
+
+    @app.get("/metrics", response_class=Response)
+    def metrics(_: Annotated[Caller, Depends(current_caller)]) -> Response:
+        """Prometheus text: queue depth, rows per step, tokens, time to first token, latency, prefix
+        cache hits and misses per tier (a key is needed when the server has keys)."""
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from prefixfleet.pipelines.serving.cache import PrefixCache, ServedPrefix
 from prefixfleet.pipelines.serving.engine import Engine, Finished, Row, RowSettings
 from prefixfleet.pipelines.serving.fair_queue import QueueFull
 from prefixfleet.pipelines.serving.keys import TRUSTED, Caller
+from prefixfleet.pipelines.serving.metrics import ServiceMetrics
 from prefixfleet.pipelines.serving.schemas import GenerateRequest, GenerateResponse
 from prefixfleet.registry import Registry, UserKey
 from prefixfleet.workers.backbone import Backbone
@@ -103,6 +104,7 @@ class PrefixService:
         self.engine = Engine(backbone, max_rows=config.max_rows, kv_budget=config.kv_budget,
                              prefill_tokens=config.prefill_tokens, max_queue=config.max_queue,
                              max_queue_per_tenant=config.max_queue_per_tenant)
+        self.metrics = ServiceMetrics(self.engine, self.cache)
 
     async def generate(self, request: GenerateRequest, caller: Caller = TRUSTED,
                        gone: Callable[[], Awaitable[None]] | None = None) -> GenerateResponse:
@@ -159,6 +161,7 @@ class PrefixService:
                 row = self.engine.submit(prefix.tensors, row_ids, row_how, user=owner, tenant=owner[0],
                                          on_text=partial(_post, loop, events, index))
                 row.future.add_done_callback(partial(_post, loop, events, index))
+                row.future.add_done_callback(self._observe)
                 choices.rows.append(row)
         except ValueError as exc:
             choices.cancel()
@@ -167,6 +170,10 @@ class PrefixService:
             choices.cancel()
             raise Busy(str(exc)) from exc
         return choices
+
+    def _observe(self, future: Future[Finished]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.metrics.observe(future.result())
 
     def _prompt_ids(self, prefix: ServedPrefix, prompt: str, max_new_tokens: int, fit_context: bool) -> list[int]:
         try:

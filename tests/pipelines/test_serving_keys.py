@@ -123,6 +123,7 @@ def test_without_a_valid_key_every_route_is_401_and_health_says_only_ok(url, key
     with httpx.Client(base_url=url, headers=headers) as http:
         assert http.post("/v1/generate", json={"user_id": "alice", "prompt": "hi"}).status_code == 401
         assert http.get("/v1/models").status_code == 401
+        assert http.get("/metrics").status_code == 401
         assert http.get("/healthz").json() == {"status": "ok"}
 
 

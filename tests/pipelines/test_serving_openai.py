@@ -187,3 +187,28 @@ def test_a_client_that_leaves_a_stream_frees_its_row(tiny_backbones, registry, p
             assert service.engine.stats.finished == 0  # cancelled, not run to its end
     finally:
         service.close()
+
+
+def test_metrics_count_what_was_served(client, url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    answers = [client.completions.create(model="default/bo", prompt=p, max_tokens=NEW_TOKENS, temperature=0)
+               for p in PROMPTS]
+    after = scrape()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("prefixfleet_generated_tokens_total") == sum(a.usage.completion_tokens for a in answers)
+    assert grew("prefixfleet_time_to_first_token_seconds_count") == len(PROMPTS)
+    assert grew("prefixfleet_request_latency_seconds_count") == len(PROMPTS)
+    assert grew("prefixfleet_decode_rows_total") >= grew("prefixfleet_decode_steps_total") > 0
+    assert grew("prefixfleet_prefix_cache_hits_total", tier="device") >= len(PROMPTS) - 1
+    assert after[("prefixfleet_queue_depth", ())] == 0
