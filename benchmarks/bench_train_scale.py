@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.fixtures, benchmarks.user_rows
 
+from benchmarks.old_commit import old_package, remove_old_package  # noqa: E402
 from benchmarks.user_rows import write_jsonl_users  # noqa: E402
 from prefixfleet.workers.tiny import build_backbone  # noqa: E402
 from tests.fixtures import servers  # noqa: E402
@@ -38,18 +39,6 @@ from tests.fixtures.postgres import PostgresServer  # noqa: E402
 TODAYS_PATH = "3633973"  # the last commit before ingest moved to Ray Data
 STEPS, ROWS = 2, 4
 _REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE) /(ajax-)?api/')
-
-
-def old_package(root: Path) -> Path:
-    """A folder to put first on PYTHONPATH so that `prefixfleet.*` imports the older commit."""
-    tree = root / "old-tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), TODAYS_PATH],
-                   check=True, capture_output=True)
-    shim = root / "old-shim" / "prefixfleet"
-    shim.mkdir(parents=True)
-    for room in ("workers", "registry", "pipelines"):
-        (shim / room).symlink_to(tree / room)
-    return shim.parent
 
 
 def _peak_rss(pid: int, peak: list[int], done: threading.Event) -> None:
@@ -92,7 +81,7 @@ def main() -> None:
         backbone = build_backbone(root / "backbone", "gpt2")
         write_jsonl_users(root / "sample", args.sample, ROWS)
         write_jsonl_users(root / "all", args.users, ROWS)
-        shim = old_package(root)
+        shim = old_package(root, TODAYS_PATH)
         pg = PostgresServer.launch(durable=True).wait()
         s3 = servers.launch_s3_server(root / "s3").wait()
         bucket = servers.create_bucket(s3.url, "bench")
@@ -120,8 +109,7 @@ def main() -> None:
         finally:
             s3.stop()
             pg.stop()
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root / "old-tree")],
-                           capture_output=True)
+            remove_old_package(root)
 
     print(f"\n{'path':14} {'users':>7} {'wall s':>8} {'users/s':>8} {'driver peak MB':>15} {'MLflow req/user':>16}"
           "  outcomes")

@@ -81,15 +81,25 @@ class Choices:
             raise
 
     async def events(self) -> AsyncIterator[tuple[int, str | Finished]]:
+        """Text that arrived while the consumer was busy comes as one piece per choice: a stream
+        that falls behind sends fewer, longer events rather than one per token."""
         left = len(self.rows)
         try:
             while left:
-                index, item = await self._events.get()
-                if isinstance(item, str):
-                    yield index, item
-                    continue
-                left -= 1
-                yield index, item.result()  # a failed row raises here
+                ready = [await self._events.get()]
+                while not self._events.empty():
+                    ready.append(self._events.get_nowait())
+                text: dict[int, list[str]] = {}
+                for index, item in ready:
+                    if isinstance(item, str):
+                        text.setdefault(index, []).append(item)
+                        continue
+                    if index in text:
+                        yield index, "".join(text.pop(index))
+                    left -= 1
+                    yield index, item.result()  # a failed row raises here
+                for index, pieces in text.items():
+                    yield index, "".join(pieces)
         finally:
             self.cancel()
 
