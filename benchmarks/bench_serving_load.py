@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,19 +282,15 @@ def main() -> None:
                 url = f"http://127.0.0.1:{port}"
                 try:
                     asyncio.run((batcher_http if old else engine_http)(url, warm_up, Level(system, 0)))
-                    for load in loads:
-                        level = Level(system, load)
+
+                    def over_http(level: Level, asks: list[Ask], url: str = url, old: bool = old) -> None:
                         before = step_counts(url, old)
-                        asyncio.run((batcher_http if old else engine_http)(url, plans[load], level))
+                        asyncio.run((batcher_http if old else engine_http)(url, asks, level))
                         after = step_counts(url, old)
-                        if old:
-                            level.rows_per_step = len(plans[load]) / max(1.0, after[0] - before[0])
-                        else:
-                            level.rows_per_step = (after[1] - before[1]) / max(1.0, after[0] - before[0])
-                        levels.append(level)
-                        report(level)
-                        if level.p99 > 4 * GOAL_P99_S:
-                            break
+                        rows = len(asks) if old else after[1] - before[1]
+                        level.rows_per_step = rows / max(1.0, after[0] - before[0])
+
+                    levels += rising(system, loads, plans, over_http)
                 finally:
                     server.terminate()
                     server.wait(timeout=60)
@@ -303,28 +300,32 @@ def main() -> None:
         service = PrefixService(backbone, registry, ServeConfig(max_queue=4096, max_queue_per_tenant=4096))
         try:
             asyncio.run(engine_in_process(service, warm_up, Level("warm-up", 0)))
-            for load in loads:
-                level = Level("engine, in-process", load)
-                asyncio.run(engine_in_process(service, plans[load], level))
-                levels.append(level)
-                report(level)
-                if level.p99 > 4 * GOAL_P99_S:
-                    break
+            levels += rising("engine, in-process", loads, plans,
+                             lambda level, asks: asyncio.run(engine_in_process(service, asks, level)))
         finally:
             service.close()
 
         peft, base = peft_model(backbone_dir, adapters)
         peft_user_by_user(peft, base, warm_up, Level("warm-up", 0))
-        for load in loads:
-            level = Level("PEFT user by user", load)
-            peft_user_by_user(peft, base, plans[load], level)
-            levels.append(level)
-            report(level)
-            if level.p99 > 4 * GOAL_P99_S:
-                break
+        levels += rising("PEFT user by user", loads, plans,
+                         lambda level, asks: peft_user_by_user(peft, base, asks, level))
         summary(levels, plans, backbone, prefixes)
         plot(levels, Path(args.plot))
         registry.close()
+
+
+def rising(system: str, loads: list[float], plans: dict[float, list[Ask]],
+           run: Callable[[Level, list[Ask]], None]) -> list[Level]:
+    """`run` at each load in turn, reported as it ends, until p99 is far past the goal."""
+    out = []
+    for load in loads:
+        level = Level(system, load)
+        run(level, plans[load])
+        out.append(level)
+        report(level)
+        if level.p99 > 4 * GOAL_P99_S:
+            break
+    return out
 
 
 def report(level: Level) -> None:
