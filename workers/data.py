@@ -168,5 +168,12 @@ def collate(backbone: Backbone, items: Sequence[Encoded], device: torch.device |
     if device is not None:
         for name, value in vars(batch).items():
             if value is not None:
-                setattr(batch, name, value.to(device))
+                setattr(batch, name, to_device(value, device))
     return batch
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; to a GPU through pinned memory, so the host does not wait for the copy."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

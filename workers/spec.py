@@ -9,6 +9,7 @@ from prefixfleet.workers.errors import WorkerError
 
 METHODS: tuple[str, ...] = ("prefix", "ptuning-v2", "prompt")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class PrefixSpec:
     reparametrization that is dropped after training), `ptuning-v2` (deep prompts at every layer,
     no reparametrization) or `prompt` (Lester: soft prompt on the input embeddings only).
     init_text: when set, the prefix starts from the activations of these real tokens.
-    dtype: the storage dtype of the artifact; training always runs in float32.
+    dtype: the storage dtype of the artifact; the prefix trains in float32 (TrainConfig.precision
+    sets the precision of the forward and backward).
     """
 
     method: str = "prefix"
@@ -81,6 +83,7 @@ class TrainConfig:
     max_length: int = 256
     eval_fraction: float = 0.2
     seed: int = 0
+    precision: str = "float32"  # bfloat16: bf16 autocast around forward/backward, prefixes kept in float32
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -91,11 +94,22 @@ class TrainConfig:
             raise WorkerError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
             raise WorkerError(f"max_length must be at least 2, got {self.max_length}")
+        if self.precision not in PRECISIONS:
+            raise WorkerError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
 
     def learning_rate(self, method: str) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[method]
 
     def settings_json(self, method: str) -> str:
         """Canonical JSON of every setting that changes a trained prefix, the learning rate
-        resolved for `method`. It joins the exactly-once identity: a changed setting trains again."""
-        return json.dumps({**asdict(self), "lr": self.learning_rate(method)}, sort_keys=True, separators=(",", ":"))
+        resolved for `method`. It joins the exactly-once identity: a changed setting trains again.
+        Settings added since the first release appear only when set away from their default, so
+        adding one does not retrain every user."""
+        settings = {**asdict(self), "lr": self.learning_rate(method)}
+        for name, default in ADDED_SETTINGS.items():
+            if settings[name] == default:
+                del settings[name]
+        return json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+
+ADDED_SETTINGS: dict[str, object] = {"precision": "float32"}

@@ -3,26 +3,27 @@ batch with no coupling between them.
 
 Packing is continuous batching: up to `pack_size` users share every forward/backward; each row
 reads its own user's prefix. Per user: its own loss normalization, gradient clipping, AdamW state,
-learning-rate schedule and step count. A user that finishes (or fails) leaves the pack and the
-next one joins, so short users never wait for long ones. Training alone is a pack of one — the
-same code path — which is what makes "packed equals alone" provable.
+learning-rate schedule and step count — held for the whole pack as stacked tensors and `[slots]`
+vectors (`workers/pack.py`), so a step costs the same few kernels for 1 user or 64 and never waits
+for the host. A user that finishes (or fails) leaves the pack at the next sync and the next one
+joins, so short users never wait for long ones. Training alone is a pack of one — the same code
+path — which is what makes "packed equals alone" provable.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from prefixfleet.workers.backbone import Backbone
-from prefixfleet.workers.data import Encoded, Example, collate, encode, holdout, token_budget
+from prefixfleet.workers.data import Encoded, Example, collate, encode, holdout, to_device, token_budget
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.forward import row_losses
+from prefixfleet.workers.pack import PackedAdamW, PackedPrefixes
 from prefixfleet.workers.prefix import PrefixTensors, UserPrefix, check_shapes, expected_shapes, stack_rows
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
@@ -70,48 +71,32 @@ def user_seed(seed: int, user: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{user}".encode()).digest()[:8], "big") >> 1
 
 
-class _Slot:
-    """A user inside the pack: parameters, optimizer, schedule and minibatch order."""
+SYNC_EVERY = 32  # steps a pack runs at most between syncs: when failures are read and slots refilled
 
-    def __init__(self, backbone: Backbone, request: UserRequest, train: list[Encoded], evals: list[Encoded]) -> None:
-        self.request, self.train, self.evals = request, train, evals
+
+class _Member:
+    """A user inside the pack: its slot, minibatch order and what the host knows of its steps."""
+
+    def __init__(self, index: int, request: UserRequest, train: list[Encoded], evals: list[Encoded]) -> None:
+        self.index, self.request, self.train, self.evals = index, request, train, evals
         self.generator = torch.Generator().manual_seed(user_seed(request.config.seed, request.user))
-        self.module = UserPrefix(backbone, request.spec, self.generator, request.start).to(backbone.device)
-        cfg = request.config
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.learning_rate(request.spec.method),
-                                           weight_decay=cfg.weight_decay, foreach=True)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_schedule(cfg.warmup_steps, cfg.steps))
-        self.step, self.curve, self.order = 0, [], []
+        self.steps_run = 0  # steps this user's rows have been in, counted on the host
+        self.curve: list[float] = []  # losses of the steps read back at the last sync
+        self.order: list[int] = []
+        self.batches: list[list[int]] = []  # example ids of each step since the last sync
 
     def next_batch(self) -> list[Encoded]:
         if not self.order:
             self.order = torch.randperm(len(self.train), generator=self.generator).tolist()
-        take, self.order = self.order[: self.request.config.batch_size], self.order[self.request.config.batch_size:]
-        self.batch_ids = take
+        size = self.request.config.batch_size
+        take, self.order = self.order[:size], self.order[size:]
+        self.batches.append(take)
+        self.steps_run += 1
         return [self.train[i] for i in take]
 
-    def apply(self, loss: torch.Tensor) -> str | None:
-        """One optimizer step for this user alone; a reason string if the user must stop."""
-        value = loss.item()
-        finite = math.isfinite(value)
-        norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.request.config.max_grad_norm) if finite else None
-        if norm is None or not math.isfinite(norm):
-            return (f"user {self.request.user!r}: non-finite loss or gradient at step {self.step} "
-                    f"on training examples {sorted(self.batch_ids)}")
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.curve.append(value)
-        return None
-
-
-def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return factor
+    @property
+    def done(self) -> bool:
+        return self.steps_run >= self.request.config.steps
 
 
 def prepare(backbone: Backbone, request: UserRequest) -> tuple[list[Encoded], list[Encoded]]:
@@ -164,64 +149,130 @@ def train_users(backbone: Backbone, requests: Sequence[UserRequest], *, pack_siz
         if on_result is not None:
             on_result(index, result)
 
-    groups: dict[tuple[str, int], deque[tuple[int, list[Encoded], list[Encoded]]]] = {}
+    groups: dict[tuple, deque[_Member]] = {}
     for index, request in enumerate(requests):
         try:
             train, evals = prepare(backbone, request)
         except WorkerError as exc:
             finish(index, UserResult(request.user, error=str(exc)))
             continue
-        key = (request.spec.method, request.spec.num_virtual_tokens)  # users of one pack share prefix shapes
-        groups.setdefault(key, deque()).append((index, train, evals))
+        spec = request.spec  # users of one pack share prefix shapes and precision
+        key = (spec.method, spec.num_virtual_tokens, spec.reparam_hidden, request.config.precision)
+        groups.setdefault(key, deque()).append(_Member(index, request, train, evals))
     for queue in groups.values():
-        _train_group(backbone, requests, queue, max(1, pack_size), finish)
+        _Pack(backbone, queue, max(1, pack_size), finish).run()
     return [results[i] for i in range(len(requests))]
 
 
-def _train_group(backbone: Backbone, requests: Sequence[UserRequest], queue: deque, pack_size: int,
+class _Pack:
+    """One group's users trained in a pack of slots, joining and leaving at syncs.
+
+    Between syncs the host only queues work: each step's per-slot losses and update masks stay on
+    the device. A sync — when a user has run all its steps, or every `SYNC_EVERY` steps — reads
+    them back at once, fails users whose loss or gradient was non-finite (their slots were
+    already masked out of every update from that step on), evaluates finished users together and
+    fills the freed slots from the queue.
+    """
+
+    def __init__(self, backbone: Backbone, queue: deque[_Member], pack_size: int,
                  finish: Callable[[int, UserResult], None]) -> None:
-    active: dict[int, _Slot] = {}
-    while queue or active:
-        while queue and len(active) < pack_size:
-            index, train, evals = queue.popleft()
-            active[index] = _Slot(backbone, requests[index], train, evals)
-        indices = list(active)
-        slots = [active[i] for i in indices]
+        first = queue[0].request
+        self.backbone, self.queue, self.finish = backbone, queue, finish
+        self.slots = min(pack_size, len(queue))
+        self.prefixes = PackedPrefixes(backbone, first.spec, self.slots)
+        self.optimizer = PackedAdamW(list(self.prefixes.parameters()), self.slots)
+        self.precision = first.config.precision
+        self.members: list[_Member | None] = [None] * self.slots
+        self.failed = torch.zeros(self.slots, dtype=torch.bool, device=backbone.device)
+        self.history: list[torch.Tensor] = []  # per step since the last sync: [2, slots] (loss, updated)
+
+    def run(self) -> None:
+        self.fill()
+        while any(self.members):
+            self.step()
+            if len(self.history) >= SYNC_EVERY or any(m is not None and m.done for m in self.members):
+                self.sync()
+                self.fill()
+
+    def fill(self) -> None:
+        for slot, member in enumerate(self.members):
+            if member is None and self.queue:
+                member = self.members[slot] = self.queue.popleft()
+                request = member.request
+                user = UserPrefix(self.backbone, request.spec, member.generator, request.start)
+                self.prefixes.load(slot, user.to(self.backbone.device))
+                self.optimizer.join(slot, request.config, request.config.learning_rate(request.spec.method))
+                self.failed[slot] = False
+
+    def step(self) -> None:
         items, owners = [], []
-        for position, slot in enumerate(slots):
-            batch_items = slot.next_batch()
-            items += batch_items
-            owners += [position] * len(batch_items)
-        tensors = [slot.module() for slot in slots]
-        loss_sum, count = row_losses(backbone, collate(backbone, items, backbone.device), stack_rows(tensors, owners))
-        owner_index = torch.tensor(owners, device=loss_sum.device)
-        sums = loss_sum.new_zeros(len(slots)).index_add(0, owner_index, loss_sum)
-        tokens = count.new_zeros(len(slots)).index_add(0, owner_index, count)
-        per_user = sums / tokens  # each user's loss is normalized by its own tokens only
-        finite = torch.isfinite(per_user)
-        if finite.any():  # a non-finite user is left out whole: nothing of it reaches the others
-            per_user[finite].sum().backward()
-        for index, slot, loss in zip(indices, slots, per_user.detach(), strict=True):
-            failure = slot.apply(loss)
-            if failure is not None:
+        for slot, member in enumerate(self.members):
+            if member is not None:
+                batch = member.next_batch()
+                items += batch
+                owners += [slot] * len(batch)
+        device = self.backbone.device
+        owner = to_device(torch.tensor(owners), device)
+        with autocast(device, self.precision):
+            rows = {name: value[owner] for name, value in self.prefixes().items()}
+            loss_sum, count = row_losses(self.backbone, collate(self.backbone, items, device), rows)
+        sums = torch.zeros(self.slots, device=device).index_add(0, owner, loss_sum.float())
+        tokens = torch.zeros(self.slots, device=device).index_add(0, owner, count.float())
+        present = torch.zeros(self.slots, dtype=torch.bool, device=device).index_fill(0, owner, True)
+        per_slot = sums / tokens  # each user's loss is normalized by its own tokens only
+        usable = present & ~self.failed & torch.isfinite(per_slot)
+        # A non-finite or failed user is left out whole: nothing of it reaches the others.
+        torch.where(usable, per_slot, 0.0).sum().backward()
+        updated = self.optimizer.step(usable)
+        self.failed |= present & ~updated
+        self.history.append(torch.stack([per_slot.detach(), updated.float()]))
+
+    def sync(self) -> None:
+        record = torch.stack(self.history).cpu()  # [steps, 2, slots]: the one read-back of many steps
+        self.history = []
+        finished: list[tuple[int, _Member]] = []
+        for slot, member in enumerate(self.members):
+            if member is None:
+                continue
+            losses, updated = record[:, 0, slot].tolist(), record[:, 1, slot].tolist()
+            first_step = len(member.curve)
+            if not all(updated):
+                bad = updated.index(0.0)
+                failure = (f"user {member.request.user!r}: non-finite loss or gradient at step {first_step + bad} "
+                           f"on training examples {sorted(member.batches[bad])}")
                 log.warning("%s", failure)
-                del active[index]
-                finish(index, UserResult(slot.request.user, steps=slot.step, loss_curve=slot.curve, error=failure))
-            elif slot.step >= slot.request.config.steps:
-                del active[index]
-                finish(index, _result(backbone, slot))
+                self.members[slot] = None
+                self.finish(member.index, UserResult(member.request.user, steps=first_step + bad,
+                                                     loss_curve=member.curve + losses[:bad], error=failure))
+                continue
+            member.curve += losses
+            member.batches = []
+            if member.done:
+                self.members[slot] = None
+                finished.append((slot, member))
+        if finished:
+            self.publish(finished)
+
+    def publish(self, finished: list[tuple[int, _Member]]) -> None:
+        """Results for users that ran all their steps, evaluated together in shared batches."""
+        with torch.no_grad():
+            stacked = self.prefixes()
+        tensors = [{k: v[slot].float().cpu() for k, v in stacked.items()} for slot, _ in finished]
+        device = self.backbone.device
+        with autocast(device, self.precision):
+            losses = evaluate(self.backbone, [({k: v.to(device) for k, v in t.items()}, m.evals)
+                                              for t, (_, m) in zip(tensors, finished, strict=True)])
+            baselines = evaluate(self.backbone, [(None, m.evals) for _, m in finished])
+        for (_, member), own, loss, baseline in zip(finished, tensors, losses, baselines, strict=True):
+            self.finish(member.index, UserResult(
+                user=member.request.user, tensors=own, eval_loss=loss, baseline_eval_loss=baseline,
+                loss_curve=member.curve, steps=len(member.curve), train_examples=len(member.train),
+                eval_examples=len(member.evals)))
 
 
-def _result(backbone: Backbone, slot: _Slot) -> UserResult:
-    with torch.no_grad():
-        tensors = {k: v.detach().float().cpu() for k, v in slot.module().items()}
-    device_tensors = {k: v.to(backbone.device) for k, v in tensors.items()}
-    eval_loss, = evaluate(backbone, [(device_tensors, slot.evals)])
-    baseline, = evaluate(backbone, [(None, slot.evals)])
-    return UserResult(
-        user=slot.request.user, tensors=tensors, eval_loss=eval_loss, baseline_eval_loss=baseline,
-        loss_curve=slot.curve, steps=slot.step, train_examples=len(slot.train), eval_examples=len(slot.evals),
-    )
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast for `precision="bfloat16"` (parameters stay float32); a no-op for float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def train_user(backbone: Backbone, request: UserRequest) -> UserResult:

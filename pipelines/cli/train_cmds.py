@@ -37,6 +37,8 @@ TokensOpt = Annotated[int, typer.Option("--virtual-tokens", help="Prefix length.
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps per user.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default: per method).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per user per step.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="float32 | bfloat16 (bf16 autocast for forward/backward; prefixes stay float32).")]
 ModeOpt = Annotated[str, typer.Option(
     "--mode", help="packed: many users share each batch; isolated: one user per call.")]
 PackOpt = Annotated[int, typer.Option("--pack-size", help="Users trained together in one batch (packed mode).")]
@@ -151,7 +153,7 @@ def _report(summary: JobSummary, as_json: bool, per_user_out: Path | None) -> No
 
 
 def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
-             lr: float | None, batch_size: int, mode: str, pack_size: int, skip_bad_rows: bool,
+             lr: float | None, batch_size: int, precision: str, mode: str, pack_size: int, skip_bad_rows: bool,
              address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float,
              per_user_out: Path | None, dry_run: bool, as_json: bool) -> JobRequest:
     with needs("train"):
@@ -159,7 +161,7 @@ def _request(kind: str, data: str, backbone: str, namespace: str, method: str, v
 
     try:
         spec = PrefixSpec(method=method, num_virtual_tokens=virtual_tokens)
-        config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size)
+        config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, precision=precision)
     except WorkerError as exc:
         fail(str(exc), code=2)
     if pack_size < 1:
@@ -181,14 +183,15 @@ def _finish(request: JobRequest, home: Path | None, outage_deadline: float, as_j
 def train(
     data: DataArg, backbone: BackboneOpt, namespace: NamespaceOption = "default", method: MethodOpt = "prefix",
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
-    mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
-    actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
+    precision: PrecisionOpt = "float32", mode: ModeOpt = "packed", pack_size: PackOpt = 8,
+    skip_bad_rows: SkipOpt = False, address: AddressOpt = None, actors: ActorsOpt = None,
+    actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
     outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, dry_run: DryRunOpt = False,
     home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
     """Train every user in DATA, publish each as `candidate`, promote to `production` when the gate passes."""
-    request = _request("train", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
-                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
+    request = _request("train", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, precision,
+                       mode, pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
                        as_json)
     _finish(request, home, outage_deadline, as_json)
 
@@ -197,8 +200,9 @@ def train(
 def retrain(
     data: DataArg, backbone: BackboneOpt, namespace: NamespaceOption = "default", method: MethodOpt = "prefix",
     virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
-    mode: ModeOpt = "packed", pack_size: PackOpt = 8, skip_bad_rows: SkipOpt = False, address: AddressOpt = None,
-    actors: ActorsOpt = None, actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
+    precision: PrecisionOpt = "float32", mode: ModeOpt = "packed", pack_size: PackOpt = 8,
+    skip_bad_rows: SkipOpt = False, address: AddressOpt = None, actors: ActorsOpt = None,
+    actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
     outage_deadline: OutageOpt = JOB_OUTAGE_DEADLINE_S, per_user_out: PerUserOutOpt = None, dry_run: DryRunOpt = False,
     home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
@@ -206,8 +210,8 @@ def retrain(
 
     Users without a production prefix are trained from scratch with --method/--virtual-tokens.
     """
-    request = _request("retrain", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, mode,
-                       pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
+    request = _request("retrain", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, precision,
+                       mode, pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
                        as_json)
     _finish(request, home, outage_deadline, as_json)
 

@@ -42,9 +42,17 @@ def config_from_params(params: dict[str, str]) -> TrainConfig | None:
     if not values or set(values) - known:
         return None
     try:
-        return TrainConfig(**{k: ast.literal_eval(v) for k, v in values.items()})
-    except (ValueError, SyntaxError, TypeError, WorkerError):
+        return TrainConfig(**{k: _literal(v) for k, v in values.items()})
+    except (TypeError, WorkerError):
         return None
+
+
+def _literal(text: str) -> object:
+    """A parameter as MLflow stores it (`str(value)`) back to the value: numbers, None, strings."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def test_changed_settings_train_again_and_equal_ones_do_not(backbone: str, local
     # the default learning rate spelled out is the same setting
     same = train(*base, "--lr", str(DEFAULT_LR["prefix"]))
     assert same["users"] == {"read": 2, "trained": 0, "skipped": 2, "failed": 0, "promoted": 0}
-    for version, (flag, value) in enumerate((("--steps", str(STEPS + 2)), ("--batch-size", "4"), ("--lr", "0.02")), 2):
+    for version, (flag, value) in enumerate((("--steps", str(STEPS + 2)), ("--batch-size", "4"), ("--lr", "0.02"),
+                                               ("--precision", "bfloat16")), 2):
         options = {"--steps": str(STEPS), flag: value}
         summary = train(data, "--backbone", backbone, *(part for item in options.items() for part in item))
         assert summary["users"]["trained"] == 2, flag

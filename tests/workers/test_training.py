@@ -2,12 +2,15 @@
 through safetensors; the backbone is never modified (invariant 6)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
 from prefixfleet.workers.backbone import weights_checksum
 from prefixfleet.workers.data import collate, data_fingerprint, encode
+from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.forward import logits
 from prefixfleet.workers.generate import generate
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
@@ -102,3 +105,13 @@ def test_t5_encoder_prefix_changes_the_encoder_output(backbones):
     assert not torch.allclose(outs[0], plain)
     assert not torch.allclose(outs[0], outs[1])
     assert torch.equal(encoder(input_ids=ids).last_hidden_state, plain)  # hooks inactive outside the block
+
+
+def test_precision_joins_the_settings_identity_only_when_set_away_from_float32():
+    """Adding the setting must not change the identity of every prefix trained before it existed."""
+    default = TrainConfig(steps=5)
+    assert "precision" not in json.loads(default.settings_json("prefix"))
+    mixed = TrainConfig(steps=5, precision="bfloat16")
+    assert json.loads(mixed.settings_json("prefix"))["precision"] == "bfloat16"
+    with pytest.raises(WorkerError, match="unknown precision 'fp8'"):
+        TrainConfig(precision="fp8")
