@@ -4,29 +4,45 @@
      GPT-2, same data, steps, batch and learning rate: seconds per user and eval loss.
   2. Many users: ours packed (continuous batching) vs the PEFT loop (backbone loaded once, one
      user after another) vs naive per-user processes (each loads the backbone): users per hour.
+  3. Step overhead at packs of 8, 32 and 64: the time of a training step minus its forward and
+     backward (collate, the pack's prefixes, the backbone forward and backward: the same work in
+     both), for today's trainer and the per-user-optimizer trainer of BEFORE (run from a git
+     worktree in a subprocess). Evaluation is timed apart and left out of the step.
 
     python benchmarks/bench_training.py [--users 64] [--examples 32] [--steps 30] [--naive-users 4]
+    python benchmarks/bench_training.py --device cuda --hidden 1024 --layers 24 --users 1000  # GPT-2-medium size
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 from torch.nn import functional as F
 
-from prefixfleet.workers.backbone import load_backbone
-from prefixfleet.workers.data import Example, collate, encode, holdout
-from prefixfleet.workers.spec import PrefixSpec, TrainConfig
-from prefixfleet.workers.synthetic import user_rows
-from prefixfleet.workers.tiny import build_backbone
-from prefixfleet.workers.trainer import UserRequest, train_users
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.old_commit import old_package, remove_old_package  # noqa: E402
+from prefixfleet.workers import trainer  # noqa: E402
+from prefixfleet.workers.backbone import Backbone, load_backbone  # noqa: E402
+from prefixfleet.workers.data import Example, collate, encode, holdout  # noqa: E402
+from prefixfleet.workers.spec import PrefixSpec, TrainConfig  # noqa: E402
+from prefixfleet.workers.synthetic import user_rows  # noqa: E402
+from prefixfleet.workers.tiny import build_backbone  # noqa: E402
+from prefixfleet.workers.trainer import UserRequest, train_users  # noqa: E402
 
 SPEC = PrefixSpec(method="prefix", num_virtual_tokens=8, reparam_hidden=512)
+BEFORE = "fed55e2"  # the trainer with one torch AdamW, clip and loss.item() per user per step
 
 
 def user_examples(index: int, count: int) -> list[Example]:
@@ -74,6 +90,98 @@ def _naive_worker(args: tuple[str, int, int, TrainConfig]) -> float:
     return result.eval_loss
 
 
+class StepClock:
+    """Where one `train_users` call spends its time: in tokenizing and evaluation (`prepare`,
+    `evaluate`), in the forward and backward every packed trainer must run (`collate`,
+    `row_losses`, `Tensor.backward`), and the rest — the overhead. Only the outermost timed call
+    counts, so evaluation's own forwards stay evaluation. On CUDA each timed call synchronizes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.depth = device, 0
+        self.seconds = {"outside": 0.0, "fwd/bwd": 0.0}
+
+    def wrap(self, function, kind: str):
+        def call(*args, **kwargs):
+            if self.depth:
+                return function(*args, **kwargs)
+            self.depth += 1
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[kind] += time.perf_counter() - start
+                self.depth -= 1
+        return call
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(self, backbone: Backbone, jobs: list[UserRequest], pack: int) -> float:
+        patches = [(trainer, "prepare", "outside"), (trainer, "evaluate", "outside"), (trainer, "collate", "fwd/bwd"),
+                   (trainer, "row_losses", "fwd/bwd"), (torch.Tensor, "backward", "fwd/bwd")]
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        for owner, name, kind in patches:
+            setattr(owner, name, self.wrap(getattr(owner, name), kind))
+        try:
+            return timed_pack(backbone, jobs, pack)
+        finally:
+            for owner, name, function in originals:
+                setattr(owner, name, function)
+
+
+def timed_pack(backbone: Backbone, jobs: list[UserRequest], pack: int) -> float:
+    start = time.perf_counter()
+    train_users(backbone, jobs, pack_size=pack)
+    return time.perf_counter() - start
+
+
+def timings(backbone: Backbone, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Per pack size, one full pack of users with equal steps: seconds in all, per kind of work,
+    and (on CUDA, where the clock's syncs cost time) in all again without the clock."""
+    train_users(backbone, [UserRequest("warm-up", user_examples(0, args.examples), SPEC)], pack_size=1)
+    config = TrainConfig(steps=args.overhead_steps, batch_size=args.batch)
+    out = {}
+    for pack in map(int, args.overhead_packs.split(",")):
+        jobs = [UserRequest(f"u{i}", user_examples(i, args.examples), SPEC, config) for i in range(pack)]
+        clock = StepClock(backbone.device)
+        total = clock.run(backbone, jobs, pack)
+        plain = timed_pack(backbone, jobs, pack) if backbone.device.type == "cuda" else total
+        out[str(pack)] = {"total": total, "plain": plain, **clock.seconds}
+    return out
+
+
+def overhead_table(args: argparse.Namespace, path: str, backbone: Backbone) -> None:
+    """Part 3: step overhead, today's trainer beside BEFORE's, at each pack size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shim = old_package(Path(tmp), BEFORE)
+        try:
+            command = [sys.executable, "-m", "benchmarks.bench_training", "--timings-only", "--backbone-path", path,
+                       "--overhead-packs", args.overhead_packs, "--overhead-steps", str(args.overhead_steps),
+                       "--examples", str(args.examples), "--batch", str(args.batch), "--device", args.device]
+            env = os.environ | {"PYTHONPATH": str(shim)}
+            before = json.loads(subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True,
+                                               text=True).stdout.splitlines()[-1])
+        finally:
+            remove_old_package(Path(tmp))
+    today = timings(backbone, args)
+    steps = args.overhead_steps
+    print(f"\n3. step overhead: one full pack, {steps} steps, batch {args.batch} per user; ms per step. "
+          "fwd/bwd: collate, backbone forward and backward; overhead: the rest of a step (optimizer, "
+          "clipping, schedules, the pack's prefixes, syncs); users/h: whole run, results included")
+    print(f"   {'pack':>4} {'fwd/bwd before':>15} {'fwd/bwd today':>14} {'overhead before':>16} "
+          f"{'overhead today':>15} {'ratio':>6} {'users/h before':>15} {'users/h today':>14}")
+    for pack in args.overhead_packs.split(","):
+        runs = {"old": before[pack], "new": today[pack]}
+        fwd = {k: 1e3 * t["fwd/bwd"] / steps for k, t in runs.items()}
+        over = {k: 1e3 * (t["total"] - t["outside"] - t["fwd/bwd"]) / steps for k, t in runs.items()}
+        rate = {k: 3600 * int(pack) / t["plain"] for k, t in runs.items()}
+        print(f"   {int(pack):4d} {fwd['old']:15.1f} {fwd['new']:14.1f} {over['old']:16.1f} {over['new']:15.1f} "
+              f"{over['old'] / over['new']:5.1f}x {rate['old']:15.0f} {rate['new']:14.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=64)
@@ -86,14 +194,31 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overhead-packs", default="8,32,64", help="pack sizes of part 3")
+    parser.add_argument("--overhead-steps", type=int, default=20, help="steps per user in part 3")
+    parser.add_argument("--skip", default="", help="parts to leave out, e.g. 1,2")
+    parser.add_argument("--timings-only", action="store_true", help=argparse.SUPPRESS)  # part 3's subprocess
+    parser.add_argument("--backbone-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.timings_only:
+        print(json.dumps(timings(load_backbone(args.backbone_path, device=args.device), args)))
+        return
     config = TrainConfig(steps=args.steps, batch_size=args.batch)
     path = build_backbone(tempfile.mkdtemp() + "/bb", "gpt2", hidden=args.hidden, layers=args.layers)
     backbone = load_backbone(str(path), device=args.device)
+    skip = set(args.skip.split(","))
     print(f"backbone: tiny GPT-2 hidden={args.hidden} layers={args.layers} on {args.device}, "
           f"threads={torch.get_num_threads()}; {args.examples} examples/user, {args.steps} steps, batch {args.batch}")
 
-    # 1. one user at a time
+    if "3" not in skip:
+        overhead_table(args, str(path), backbone)
+    if "1" not in skip:
+        single_user(args, backbone, config)
+    if "2" not in skip:
+        many_users(args, path, backbone, config)
+
+
+def single_user(args: argparse.Namespace, backbone: Backbone, config: TrainConfig) -> None:
     ours_s, ours_loss, peft_s, peft_loss = [], [], [], []
     for index in range(args.single_users):
         examples = user_examples(index, args.examples)
@@ -110,7 +235,8 @@ def main() -> None:
     print(f"   {'PEFT':8} {statistics.mean(peft_s):8.3f} {statistics.mean(peft_loss):10.4f}")
     print(f"   speed ratio ours/PEFT: {statistics.mean(peft_s) / statistics.mean(ours_s):.2f}x")
 
-    # 2. many users
+
+def many_users(args: argparse.Namespace, path: Path, backbone: Backbone, config: TrainConfig) -> None:
     jobs = [UserRequest(f"u{i}", user_examples(i, args.examples), SPEC, config) for i in range(args.users)]
     start = time.perf_counter()
     packed = train_users(backbone, jobs, pack_size=args.pack)

@@ -144,6 +144,7 @@ class Batch:
     labels: torch.Tensor
     decoder_input_ids: torch.Tensor | None = None
     decoder_attention_mask: torch.Tensor | None = None
+    scored: torch.Tensor | None = None  # [N, 2] (row, position) of each next-token label, found on the host
 
     @property
     def size(self) -> int:
@@ -161,7 +162,9 @@ def collate(backbone: Backbone, items: Sequence[Encoded], device: torch.device |
     mask = pad_rows([[1] * len(i.input_ids) for i in items], 0)
     labels = pad_rows([i.labels for i in items], IGNORE)
     batch = Batch(input_ids, mask, labels)
-    if backbone.family.encoder_decoder:
+    if not backbone.family.encoder_decoder:
+        batch.scored = (labels[:, 1:] != IGNORE).nonzero()
+    else:
         start = backbone.config.decoder_start_token_id
         batch.decoder_input_ids = pad_rows([(start, *i.labels[:-1]) for i in items], pad)
         batch.decoder_attention_mask = pad_rows([[1] * len(i.labels) for i in items], 0)

@@ -37,8 +37,8 @@ def row_losses(backbone: Backbone, batch: Batch, rows: PrefixTensors | None) -> 
     call = _call(backbone, batch, rows)
     hidden = call(backbone.model.base_model, use_cache=False).last_hidden_state[:, call.prompt_length:]
     targets = labels[:, 1:]  # next-token prediction
-    keep = targets != IGNORE
-    scores = backbone.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token = F.cross_entropy(scores, targets[keep], reduction="none")
-    owner = keep.nonzero()[:, 0]
-    return token.new_zeros(labels.shape[0]).index_add(0, owner, token), keep.sum(dim=1)
+    scored = batch.scored if batch.scored is not None else (targets != IGNORE).nonzero()
+    row, position = scored[:, 0], scored[:, 1]  # index tensors, not a mask: nothing waits for the device
+    scores = backbone.model.get_output_embeddings()(hidden[row, position]).float()
+    token = F.cross_entropy(scores, targets[row, position], reduction="none")
+    return token.new_zeros(labels.shape[0]).index_add(0, row, token), (targets != IGNORE).sum(dim=1)

@@ -93,6 +93,7 @@ class PackedAdamW:
         self.params = params
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.scratch = [torch.empty_like(p) for p in params]  # a step allocates nothing param-sized
         device = params[0].device
         self.steps, self.lr, self.weight_decay, self.max_norm, self.warmup, self.total = (
             torch.zeros(slots, device=device) for _ in range(6))
@@ -115,27 +116,34 @@ class PackedAdamW:
     @torch.no_grad()
     def step(self, update: torch.Tensor) -> torch.Tensor:
         """One step for the slots where `update` holds and the gradient norm is finite; the mask of
-        slots actually updated. Gradients are consumed (set to None)."""
+        slots actually updated. Gradients are consumed (set to None).
+
+        Every slot runs the same in-place arithmetic; a slot left out gets factors that make it an
+        exact no-op (`m * 1 + 0`, `p * 1 - 0`) and a zero in place of its gradient, so whatever its
+        gradient held (NaN included) it keeps every bit of its state."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        norm = sum(g.flatten(1).square().sum(1) for g in grads).sqrt()
+        norm = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads).sqrt()
         updated = update & torch.isfinite(norm)
-        clip = (self.max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
         t = self.steps + 1
         lr = self._schedule()
-        step_size = lr / (1 - BETA1 ** t)
+
+        def per_slot(value: torch.Tensor | float, idle: float) -> torch.Tensor:
+            return torch.where(updated, value, idle)
+
+        clip = per_slot((self.max_norm / (norm + CLIP_EPS)).clamp(max=1.0), 0.0)
+        keep1, take1 = per_slot(BETA1, 1.0), per_slot(1 - BETA1, 0.0)
+        keep2, take2 = per_slot(BETA2, 1.0), per_slot(1 - BETA2, 0.0)
+        shrink = per_slot(1 - lr * self.weight_decay, 1.0)
+        step_size = per_slot(lr / (1 - BETA1 ** t), 0.0)
         bias2_root = (1 - BETA2 ** t).sqrt()
-        shrink = 1 - lr * self.weight_decay
-        for param, grad, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            per_slot = (-1,) + (1,) * (param.dim() - 1)
-            keep = updated.view(per_slot)
-            g = grad * clip.view(per_slot)
-            m_new = m * BETA1 + g * (1 - BETA1)
-            v_new = v * BETA2 + g * g * (1 - BETA2)
-            denom = v_new.sqrt() / bias2_root.view(per_slot) + EPS
-            p_new = param * shrink.view(per_slot) - step_size.view(per_slot) * (m_new / denom)
-            m.copy_(torch.where(keep, m_new, m))
-            v.copy_(torch.where(keep, v_new, v))
-            param.copy_(torch.where(keep, p_new, param))
+        for param, g, m, v, scratch in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, self.scratch,
+                                           strict=True):
+            shape = (-1,) + (1,) * (param.dim() - 1)
+            g.masked_fill_(~updated.view(shape), 0.0).mul_(clip.view(shape))  # the gradient is ours to consume
+            m.mul_(keep1.view(shape)).add_(torch.mul(g, take1.view(shape), out=scratch))
+            v.mul_(keep2.view(shape)).add_(g.mul_(g).mul_(take2.view(shape)))
+            denom = torch.sqrt(v, out=scratch).div_(bias2_root.view(shape)).add_(EPS)
+            param.mul_(shrink.view(shape)).sub_(torch.div(m, denom, out=g).mul_(step_size.view(shape)))
             param.grad = None
         self.steps += updated
         return updated
