@@ -21,7 +21,7 @@ PrefixTensors = dict[str, torch.Tensor]
 RANDOM_INIT_STD = 0.5
 
 
-def _init_tokens(backbone: Backbone, text: str, length: int) -> torch.Tensor:
+def init_tokens(backbone: Backbone, text: str, length: int) -> torch.Tensor:
     """`length` token ids of `text`, repeated as needed (paper §7: real words beat random init)."""
     ids = backbone.tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
@@ -33,7 +33,7 @@ def initial_tensors(backbone: Backbone, spec: PrefixSpec, generator: torch.Gener
     """Where a fresh prefix starts: real-token activations when `spec.init_text` is set, else random."""
     P = spec.num_virtual_tokens
     if spec.init_text is not None:
-        ids = _init_tokens(backbone, spec.init_text, P)
+        ids = init_tokens(backbone, spec.init_text, P)
         if spec.method == "prompt":
             return {"prompt": backbone.model.get_input_embeddings()(ids).detach().float().cpu()}
         acts = text_activations(backbone.family, backbone.model, ids)

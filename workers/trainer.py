@@ -24,7 +24,7 @@ from prefixfleet.workers.data import Encoded, Example, collate, encode, holdout,
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.forward import row_losses
 from prefixfleet.workers.pack import PackedAdamW, PackedPrefixes
-from prefixfleet.workers.prefix import PrefixTensors, UserPrefix, check_shapes, expected_shapes, stack_rows
+from prefixfleet.workers.prefix import PrefixTensors, UserPrefix, check_shapes, expected_shapes, init_tokens, stack_rows
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,11 @@ def prepare(backbone: Backbone, request: UserRequest) -> tuple[list[Encoded], li
             check_shapes(request.start, expected_shapes(backbone, request.spec))
         except WorkerError as exc:
             raise WorkerError(f"user {request.user!r}: warm start does not fit: {exc}") from exc
+    elif request.spec.init_text is not None:
+        try:
+            init_tokens(backbone, request.spec.init_text, request.spec.num_virtual_tokens)
+        except WorkerError as exc:
+            raise WorkerError(f"user {request.user!r}: {exc}") from exc
     limit = token_budget(backbone, request.config.max_length, request.spec.num_virtual_tokens)
     return encode(backbone, train, user=request.user, limit=limit), encode(backbone, evals, user=request.user, limit=limit)
 

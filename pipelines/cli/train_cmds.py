@@ -34,6 +34,10 @@ DataArg = Annotated[str, typer.Argument(help="JSONL or Parquet file or folder, l
 BackboneOpt = Annotated[str, typer.Option("--backbone", help="HF model id or local save_pretrained folder.")]
 MethodOpt = Annotated[str, typer.Option("--method", help="prefix | ptuning-v2 | prompt")]
 TokensOpt = Annotated[int, typer.Option("--virtual-tokens", help="Prefix length.")]
+InitOpt = Annotated[str, typer.Option(
+    "--init", help='random, or text:"..." to start from the frozen model\'s activations of these real tokens.')]
+ReparamOpt = Annotated[int | None, typer.Option(
+    "--reparam-hidden", help="Width of the reparametrization MLP of --method prefix (default 512).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimizer steps per user.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate (default: per method).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Examples per user per step.")]
@@ -152,7 +156,23 @@ def _report(summary: JobSummary, as_json: bool, per_user_out: Path | None) -> No
         fail(f"{failed} of {summary.users['read']} users failed; see per_user for each reason")
 
 
-def _request(kind: str, data: str, backbone: str, namespace: str, method: str, virtual_tokens: int, steps: int,
+def _spec(method: str, virtual_tokens: int, init: str, reparam_hidden: int | None) -> PrefixSpec:
+    """The prefix spec the flags name; a bad flag exits with code 2 naming it."""
+    if init != "random" and not init.startswith("text:"):
+        fail(f'--init must be random or text:"...", got {init!r}', code=2)
+    if reparam_hidden is not None and method != "prefix":
+        fail(f"--reparam-hidden sizes the MLP of --method prefix; {method} has none", code=2)
+    init_text = init[len("text:"):] if init.startswith("text:") else None
+    if init_text is not None and not init_text.strip():
+        fail('--init text: needs the text after the colon, e.g. --init text:"Dear customer"', code=2)
+    extra = {} if reparam_hidden is None else {"reparam_hidden": reparam_hidden}
+    try:
+        return PrefixSpec(method=method, num_virtual_tokens=virtual_tokens, init_text=init_text, **extra)
+    except WorkerError as exc:
+        fail(str(exc), code=2)
+
+
+def _request(kind: str, data: str, backbone: str, namespace: str, spec: PrefixSpec, steps: int,
              lr: float | None, batch_size: int, precision: str, mode: str, pack_size: int, skip_bad_rows: bool,
              address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float,
              per_user_out: Path | None, dry_run: bool, as_json: bool) -> JobRequest:
@@ -160,7 +180,6 @@ def _request(kind: str, data: str, backbone: str, namespace: str, method: str, v
         from prefixfleet.pipelines.training.job import JobRequest
 
     try:
-        spec = PrefixSpec(method=method, num_virtual_tokens=virtual_tokens)
         config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, precision=precision)
     except WorkerError as exc:
         fail(str(exc), code=2)
@@ -182,7 +201,8 @@ def _finish(request: JobRequest, home: Path | None, outage_deadline: float, as_j
 @app.command()
 def train(
     data: DataArg, backbone: BackboneOpt, namespace: NamespaceOption = "default", method: MethodOpt = "prefix",
-    virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
+    virtual_tokens: TokensOpt = 8, init: InitOpt = "random", reparam_hidden: ReparamOpt = None,
+    steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     precision: PrecisionOpt = "float32", mode: ModeOpt = "packed", pack_size: PackOpt = 8,
     skip_bad_rows: SkipOpt = False, address: AddressOpt = None, actors: ActorsOpt = None,
     actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
@@ -190,7 +210,8 @@ def train(
     home: HomeOption = None, as_json: JsonOption = False,
 ) -> None:
     """Train every user in DATA, publish each as `candidate`, promote to `production` when the gate passes."""
-    request = _request("train", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, precision,
+    spec = _spec(method, virtual_tokens, init, reparam_hidden)
+    request = _request("train", data, backbone, namespace, spec, steps, lr, batch_size, precision,
                        mode, pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
                        as_json)
     _finish(request, home, outage_deadline, as_json)
@@ -199,7 +220,8 @@ def train(
 @app.command()
 def retrain(
     data: DataArg, backbone: BackboneOpt, namespace: NamespaceOption = "default", method: MethodOpt = "prefix",
-    virtual_tokens: TokensOpt = 8, steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
+    virtual_tokens: TokensOpt = 8, init: InitOpt = "random", reparam_hidden: ReparamOpt = None,
+    steps: StepsOpt = 60, lr: LrOpt = None, batch_size: BatchOpt = 8,
     precision: PrecisionOpt = "float32", mode: ModeOpt = "packed", pack_size: PackOpt = 8,
     skip_bad_rows: SkipOpt = False, address: AddressOpt = None, actors: ActorsOpt = None,
     actor_cpus: CpusOpt = 1.0, actor_gpus: GpusOpt = 0.0,
@@ -208,9 +230,11 @@ def retrain(
 ) -> None:
     """Retrain only users whose data changed since their production prefix (warm start, same gate).
 
-    Users without a production prefix are trained from scratch with --method/--virtual-tokens.
+    Users without a production prefix are trained from scratch with --method, --virtual-tokens,
+    --init and --reparam-hidden.
     """
-    request = _request("retrain", data, backbone, namespace, method, virtual_tokens, steps, lr, batch_size, precision,
+    spec = _spec(method, virtual_tokens, init, reparam_hidden)
+    request = _request("retrain", data, backbone, namespace, spec, steps, lr, batch_size, precision,
                        mode, pack_size, skip_bad_rows, address, actors, actor_cpus, actor_gpus, per_user_out, dry_run,
                        as_json)
     _finish(request, home, outage_deadline, as_json)

@@ -68,3 +68,19 @@ def test_outage_deadline_must_be_positive(local_env: dict[str, str], tmp_path: P
     data = write_jsonl(tmp_path / "data.jsonl", synthetic(1))
     result = cli("train", str(data), "--backbone", "unused", "--outage-deadline", "0")
     assert result.exit_code == 2 and "--outage-deadline must be a positive number of seconds" in result.stderr
+
+
+def test_init_and_reparam_flags_reach_the_published_spec(backbone: str, local_env: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic(1))
+    args = ["train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actor-cpus", "0.5"]
+    for flags, message in ((["--init", "words"], "--init must be random or text:"),
+                           (["--init", "text:"], "--init text: needs the text after the colon"),
+                           (["--method", "prompt", "--reparam-hidden", "8"], "--reparam-hidden sizes the MLP")):
+        refused = cli(*args, *flags)
+        assert refused.exit_code == 2 and message in refused.stderr, flags
+    trained = cli(*args, "--init", "text:Dear customer", "--reparam-hidden", "16", "--json")
+    assert trained.exit_code == 0, trained.stderr
+    user, = json.loads(trained.stdout)["per_user"]
+    ref = Registry.from_env().resolve(UserKey("default", user["user_id"]), version=user["version"])
+    assert ref.spec["init_text"] == "Dear customer" and ref.spec["reparam_hidden"] == 16

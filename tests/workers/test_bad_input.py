@@ -12,7 +12,7 @@ from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, s
 from prefixfleet.workers.data import Example, encode
 from prefixfleet.workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
-from prefixfleet.workers.trainer import UserRequest, train_user, train_users
+from prefixfleet.workers.trainer import UserRequest, prepare, train_user, train_users
 from tests.fixtures.backbones import examples_for
 
 
@@ -32,18 +32,26 @@ def test_malformed_examples_are_refused(fields, problem):
         Example(**fields)
 
 
-def test_text_that_tokenizes_to_nothing_names_user_and_example(backbones):
-    backbone = backbones["gpt2"]
-
-    class Silent:  # a tokenizer that drops this text entirely
+def silent(backbone):
+    """`backbone` with a tokenizer that drops the text "∅" entirely."""
+    class Silent:
         eos_token_id = backbone.tokenizer.eos_token_id
 
         def __call__(self, text, add_special_tokens=False):
             return type("Enc", (), {"input_ids": [] if text == "∅" else [5]})()
 
-    silent = type(backbone)(backbone.name_or_path, backbone.model, Silent(), backbone.family)
+    return type(backbone)(backbone.name_or_path, backbone.model, Silent(), backbone.family)
+
+
+def test_text_that_tokenizes_to_nothing_names_user_and_example(backbones):
     with pytest.raises(BadExample, match=r"user 'dan', example 1: the text tokenizes to nothing"):
-        encode(silent, [Example(text="ok"), Example(text="∅")], user="dan", limit=64)
+        encode(silent(backbones["gpt2"]), [Example(text="ok"), Example(text="∅")], user="dan", limit=64)
+
+
+def test_init_text_that_tokenizes_to_nothing_fails_its_user_before_training(backbones):
+    request = UserRequest("ana", examples_for(0, 8), PrefixSpec(init_text="∅"), TrainConfig(steps=2))
+    with pytest.raises(WorkerError, match=r"user 'ana': init_text '∅' tokenizes to nothing"):
+        prepare(silent(backbones["gpt2"]), request)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])

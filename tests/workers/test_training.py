@@ -67,18 +67,28 @@ def test_storage_size_and_dtypes(backbones, dtype):
     assert torch.allclose(loaded["decoder"], tensors["decoder"], atol=0.02, rtol=0.01)
 
 
-def test_text_init_starts_from_real_token_activations(backbones):
-    backbone = backbones["gpt2"]
-    spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=5, init_text="Dear Ana")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_text_init_starts_from_real_token_activations_and_trains(backbones, family, method):
+    """`train --init text:"…"`: every method of every family starts exactly at the frozen model's
+    own view of those tokens (`prefix` too: base + MLP(E) with the MLP's last layer at zero)."""
     from prefixfleet.workers.architectures import text_activations
-    from prefixfleet.workers.prefix import UserPrefix
-    module = UserPrefix(backbone, spec, torch.Generator().manual_seed(0))
-    ids = torch.tensor(backbone.tokenizer("Dear Ana", add_special_tokens=False).input_ids[:5])
-    expected = text_activations(backbone.family, backbone.model, ids)["decoder"]
-    assert torch.equal(module()["decoder"], expected)
-    # `prefix` starts at the same tensors: base + MLP(E) with the MLP's last layer at zero.
-    reparam = UserPrefix(backbone, spec.with_(method="prefix"), torch.Generator().manual_seed(0))
-    assert torch.equal(reparam()["decoder"].detach(), expected)
+    from prefixfleet.workers.prefix import UserPrefix, initial_tensors
+
+    backbone = backbones[family]
+    spec = PrefixSpec(method=method, num_virtual_tokens=5, reparam_hidden=32, init_text="Dear Ana")
+    ids = backbone.tokenizer("Dear Ana", add_special_tokens=False).input_ids
+    ids = torch.tensor((ids * 5)[:5])
+    if method == "prompt":
+        expected = {"prompt": backbone.model.get_input_embeddings()(ids)}
+    else:
+        expected = text_activations(backbone.family, backbone.model, ids)
+    started = UserPrefix(backbone, spec, torch.Generator().manual_seed(0))()
+    assert started.keys() == expected.keys() == initial_tensors(backbone, spec, torch.Generator()).keys()
+    for name, value in expected.items():
+        assert torch.equal(started[name].detach(), value.detach())
+    result = train_user(backbone, UserRequest("ana", examples_for(2), spec, CONFIG))
+    assert result.eval_loss < result.baseline_eval_loss
 
 
 def test_warm_start_continues_from_an_earlier_prefix(backbones):
