@@ -71,14 +71,37 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def family_for(config: PretrainedConfig) -> Family:
-    """The table row for a config, or an error naming the supported families."""
+    """The table row for a config, or an error naming the supported families (or the setting
+    that makes a supported one unusable)."""
     for family in FAMILIES:
         if config.model_type in family.model_types:
+            _refuse_sliding_window(config)
             return family
     supported = "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
     raise UnsupportedArchitecture(
         f"model_type {config.model_type!r} is not supported; supported families: {supported}"
     )
+
+
+def _refuse_sliding_window(config: PretrainedConfig) -> None:
+    """Refuse a sliding attention window shorter than the model's context.
+
+    Under a window a prefix is seen only by positions within the window of it, so it fades as a
+    sequence grows; and in a mixed batch each row's left padding moves its prompt further from its
+    prefix, so a row would no longer equal its user alone. Mistral's `sliding_window` and Qwen2/3's
+    `use_sliding_window` are refused here, once, at load.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    if window is not None and window < getattr(config, "max_position_embeddings", window + 1):
+        raise UnsupportedArchitecture(
+            f"model_type {config.model_type!r} has sliding_window={window} (shorter than its "
+            f"{config.max_position_embeddings}-token context): a prefix under a sliding window fades and mixed "
+            "batches would differ from each user alone; load it with sliding_window=None "
+            "(use_sliding_window=false for Qwen2/3)"
+        )
 
 
 # ---- handing a prefix to the model -------------------------------------------------------------

@@ -14,7 +14,13 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -48,24 +54,37 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+DECODERS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+TINY_FAMILIES = ("gpt2", *DECODERS, "t5")
+
+
 def _config(family: str, hidden: int, layers: int):
     common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
                   initializer_range=INIT_RANGE)
     if family == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common), GPT2LMHeadModel
-    if family == "llama":
-        # Grouped-query attention with an explicit head_dim that is NOT hidden / heads.
-        return LlamaConfig(
+    if family in DECODERS:
+        # Grouped-query attention with an explicit head_dim that is NOT hidden / heads; Qwen2 has no
+        # head_dim setting (hidden / heads), Qwen3 adds per-head q/k norms. No sliding window.
+        config_class, model_class = DECODERS[family]
+        head_dim = {} if family == "qwen2" else {"head_dim": hidden // 2}
+        window = {"sliding_window": None} if family == "mistral" else {}
+        return config_class(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 2,
-            max_position_embeddings=512, tie_word_embeddings=False, **common,
-        ), LlamaForCausalLM
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            **head_dim, **window, **common,
+        ), model_class
     if family == "t5":
         return T5Config(
             d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers, num_decoder_layers=layers,
             num_heads=4, feed_forward_proj="relu", decoder_start_token_id=PAD_ID, **common,
         ), T5ForConditionalGeneration
-    raise WorkerError(f"unknown family {family!r}; expected gpt2, llama or t5")
+    raise WorkerError(f"unknown family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
 
 
 def build_backbone(out_dir: str | Path, family: str = "gpt2", *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:

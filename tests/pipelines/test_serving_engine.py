@@ -18,6 +18,7 @@ from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
 from prefixfleet.workers.sampling import Sampling
 from prefixfleet.workers.spec import PrefixSpec
 from prefixfleet.workers.tiny import SPECIAL_TOKENS
+from tests.fixtures.backbones import FAMILIES
 from tests.pipelines.serving_support import PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,17 +26,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SAMPLED = Sampling(do_sample=True, temperature=0.8, top_k=50, top_p=0.95)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "t5"])
-def backbone(request, tiny_backbones) -> Backbone:
+def printable_only(backbone: Backbone) -> Backbone:
     """A tiny backbone that never ends a row early (random tiny models emit end-of-sequence at once)
     and writes printable ASCII only, so that stop strings can be picked from its text."""
-    backbone = tiny_backbones.load(request.param)
     config = backbone.model.generation_config
     config.eos_token_id = None
     printable = {i for i in range(len(SPECIAL_TOKENS), backbone.config.vocab_size)
                  if (c := backbone.tokenizer.decode([i])).isascii() and c.isprintable() and len(c) == 1}
     config.suppress_tokens = [i for i in range(backbone.config.vocab_size) if i not in printable]
     return backbone
+
+
+@pytest.fixture(scope="module", params=["gpt2", "t5"])
+def backbone(request, tiny_backbones) -> Backbone:
+    return printable_only(tiny_backbones.load(request.param))
 
 
 def prefix(backbone: Backbone, method: str, length: int, seed: int) -> PrefixTensors:
@@ -56,6 +60,15 @@ def wait_for(condition, timeout: float = 60.0) -> None:
 
 
 def test_rows_join_mid_flight_and_equal_each_user_alone(backbone):
+    rows_join_mid_flight_and_equal_each_user_alone(backbone)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gpt2", "t5")])
+def test_every_other_family_serves_through_the_engine_as_alone(tiny_backbones, family):
+    rows_join_mid_flight_and_equal_each_user_alone(printable_only(tiny_backbones.load(family)))
+
+
+def rows_join_mid_flight_and_equal_each_user_alone(backbone: Backbone) -> None:
     engine = Engine(backbone)
     jobs = [(prefix(backbone, "prefix", 5, 0), PROMPTS[0], 24), (prefix(backbone, "prompt", 3, 1), PROMPTS[1], 6),
             (prefix(backbone, "ptuning-v2", 7, 2), PROMPTS[2], 12), (None, PROMPTS[3], 9)]

@@ -11,10 +11,10 @@ from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
 from prefixfleet.workers.spec import METHODS, PrefixSpec
 from prefixfleet.workers.tiny import SPECIAL_TOKENS
+from tests.fixtures.backbones import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ("gpt2", "llama", "t5")
 PROMPTS = ("order 3 kite for Bo\n", "hi", "order 9 lamp for Kim, and a longer note\n", "Dear Ana", "x",
            "order 1 mug for Jo\n")
 NEW_TOKENS = 10

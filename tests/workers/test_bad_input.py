@@ -1,14 +1,17 @@
 """Bad input gets a clear error naming the user and example; nothing crashes bare."""
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 
 import pytest
 import torch
-from transformers import BertConfig
+from transformers import BertConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from prefixfleet.workers.architectures import family_for
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
+from prefixfleet.workers.backbone import load_backbone
 from prefixfleet.workers.data import Example, encode
 from prefixfleet.workers.errors import BackboneMismatch, BadArtifact, BadExample, UnsupportedArchitecture, WorkerError
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig
@@ -81,6 +84,30 @@ def test_unknown_method_and_bad_settings():
 def test_unsupported_architecture_names_the_supported_families():
     with pytest.raises(UnsupportedArchitecture, match="supported families: gpt2.*llama.*t5"):
         family_for(BertConfig())
+
+
+@pytest.mark.parametrize("config", [
+    MistralConfig(sliding_window=64, max_position_embeddings=512),
+    Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2),
+    Qwen3Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, num_hidden_layers=2),
+], ids=["mistral", "qwen2", "qwen3"])
+def test_a_sliding_window_is_refused_in_one_line_naming_the_setting(config):
+    with pytest.raises(UnsupportedArchitecture, match=rf"{config.model_type}.*sliding_window=64 .*sliding_window=None"):
+        family_for(config)
+
+
+def test_a_sliding_window_is_refused_at_load_and_a_window_as_long_as_the_context_is_not(backbone_dirs, tmp_path):
+    folder = tmp_path / "mistral"
+    shutil.copytree(backbone_dirs["mistral"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["sliding_window"] is None
+    for window, refused in ((config["max_position_embeddings"], False), (16, True)):
+        (folder / "config.json").write_text(json.dumps({**config, "sliding_window": window}))
+        if refused:
+            with pytest.raises(UnsupportedArchitecture, match="sliding_window=16"):
+                load_backbone(str(folder))
+        else:
+            assert load_backbone(str(folder)).family.name == "llama"
 
 
 def test_prefix_for_another_backbone_is_refused(backbones):
