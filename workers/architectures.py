@@ -49,7 +49,7 @@ def _gpt2(c: PretrainedConfig) -> dict[str, StackGeometry]:
     return {"decoder": StackGeometry(c.n_layer, c.n_head, c.n_embd // c.n_head)}
 
 
-def _llama(c: PretrainedConfig) -> dict[str, StackGeometry]:
+def _decoder(c: PretrainedConfig) -> dict[str, StackGeometry]:
     heads = c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -65,7 +65,11 @@ def _t5(c: PretrainedConfig) -> dict[str, StackGeometry]:
 
 FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("gpt2",), False, _gpt2),
-    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), False, _llama),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), False, _decoder),
+    Family("mixtral", ("mixtral",), False, _decoder),
+    Family("phi3", ("phi3",), False, _decoder),
+    Family("gpt-neox", ("gpt_neox",), False, _decoder),
+    Family("opt", ("opt",), False, _decoder),
     Family("t5", ("t5", "mt5"), True, _t5),
 )
 
@@ -88,8 +92,8 @@ def _refuse_sliding_window(config: PretrainedConfig) -> None:
 
     Under a window a prefix is seen only by positions within the window of it, so it fades as a
     sequence grows; and in a mixed batch each row's left padding moves its prompt further from its
-    prefix, so a row would no longer equal its user alone. Mistral's `sliding_window` and Qwen2/3's
-    `use_sliding_window` are refused here, once, at load.
+    prefix, so a row would no longer equal its user alone. Mistral's, Mixtral's and Phi-3's
+    `sliding_window` and Qwen2/3's `use_sliding_window` are refused here, once, at load.
     """
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)

@@ -12,10 +12,18 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -54,13 +62,26 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-DECODERS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-}
-TINY_FAMILIES = ("gpt2", *DECODERS, "t5")
+def _decoders(hidden: int) -> dict[str, tuple[type, type, dict]]:
+    """Decoder-only model types: config class, model class, and what each needs beyond the shared
+    sizes. Grouped-query attention with an explicit head_dim that is NOT hidden / heads where the
+    type has one; no sliding window (one is refused at load)."""
+    gqa = dict(num_key_value_heads=2, head_dim=hidden // 2)
+    return {
+        "llama": (LlamaConfig, LlamaForCausalLM, gqa),
+        "mistral": (MistralConfig, MistralForCausalLM, {**gqa, "sliding_window": None}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"num_key_value_heads": 2}),  # head_dim is hidden / heads
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, gqa),  # + per-head q/k norms
+        "mixtral": (MixtralConfig, MixtralForCausalLM,  # mixture of experts
+                    {**gqa, "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
+        "phi3": (Phi3Config, Phi3ForCausalLM, {"num_key_value_heads": 2, "sliding_window": None,
+                                               "original_max_position_embeddings": 512}),
+        "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, {"rotary_pct": 0.5}),  # Pythia
+        "opt": (OPTConfig, OPTForCausalLM, {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden}),
+    }
+
+
+TINY_FAMILIES = ("gpt2", *_decoders(64), "t5")
 
 
 def _config(family: str, hidden: int, layers: int):
@@ -68,16 +89,12 @@ def _config(family: str, hidden: int, layers: int):
                   initializer_range=INIT_RANGE)
     if family == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common), GPT2LMHeadModel
-    if family in DECODERS:
-        # Grouped-query attention with an explicit head_dim that is NOT hidden / heads; Qwen2 has no
-        # head_dim setting (hidden / heads), Qwen3 adds per-head q/k norms. No sliding window.
-        config_class, model_class = DECODERS[family]
-        head_dim = {} if family == "qwen2" else {"head_dim": hidden // 2}
-        window = {"sliding_window": None} if family == "mistral" else {}
+    decoders = _decoders(hidden)
+    if family in decoders:
+        config_class, model_class, extra = decoders[family]
         return config_class(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-            **head_dim, **window, **common,
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+            max_position_embeddings=512, tie_word_embeddings=False, **extra, **common,
         ), model_class
     if family == "t5":
         return T5Config(

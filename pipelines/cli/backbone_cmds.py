@@ -27,7 +27,7 @@ from prefixfleet.workers.errors import WorkerError
 def init_backbone(
     directory: Annotated[Path, typer.Argument(help="Where to write the model and tokenizer.")],
     family: Annotated[str, typer.Option(
-        help="gpt2 | llama | mistral | qwen2 | qwen3 (GQA; explicit head_dim but qwen2) | t5")] = "gpt2",
+        help="gpt2 | llama | mistral | qwen2 | qwen3 | mixtral | phi3 | gpt_neox | opt | t5")] = "gpt2",
     seed: Annotated[int, typer.Option(help="Seed of the random init.")] = 0,
 ) -> None:
     """Build a small random-init backbone + byte-level tokenizer (save_pretrained layout)."""

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import BertConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from prefixfleet.workers.architectures import family_for
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
@@ -90,7 +90,9 @@ def test_unsupported_architecture_names_the_supported_families():
     MistralConfig(sliding_window=64, max_position_embeddings=512),
     Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2),
     Qwen3Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, num_hidden_layers=2),
-], ids=["mistral", "qwen2", "qwen3"])
+    MixtralConfig(sliding_window=64, max_position_embeddings=512),
+    Phi3Config(sliding_window=64, max_position_embeddings=512),
+], ids=["mistral", "qwen2", "qwen3", "mixtral", "phi3"])
 def test_a_sliding_window_is_refused_in_one_line_naming_the_setting(config):
     with pytest.raises(UnsupportedArchitecture, match=rf"{config.model_type}.*sliding_window=64 .*sliding_window=None"):
         family_for(config)
