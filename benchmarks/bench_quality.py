@@ -76,7 +76,7 @@ def main() -> None:
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, {args.device}; "
           f"{args.users} users x {args.examples} examples (20% held out), {args.steps} steps x batch {args.batch}, "
           f"{args.virtual_tokens} virtual tokens, packs of {args.pack}; tiny random-init backbones (hidden 64, 2 layers)")
-    print(f"{'family':7} {'method':11} {'own':>7} {'none':>7} {'other':>7} {'own beats both':>15} {'goal':>6} "
+    print(f"{'family':9} {'method':11} {'own':>7} {'none':>7} {'other':>7} {'own beats both':>15} {'goal':>6} "
           f"{'seconds':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
@@ -86,7 +86,7 @@ def main() -> None:
                 start = time.perf_counter()
                 row = score(backbone, population(args.users, args.examples, spec, config), args.pack)
                 goal = ("met" if row["share"] >= GOAL else "MISSED") if (family, method) in GOAL_ON else "-"
-                print(f"{family:7} {method:11} {row['own']:7.3f} {row['none']:7.3f} {row['other']:7.3f} "
+                print(f"{family:9} {method:11} {row['own']:7.3f} {row['none']:7.3f} {row['other']:7.3f} "
                       f"{row['share']:14.0%} {goal:>6} {time.perf_counter() - start:8.0f}", flush=True)
 
 

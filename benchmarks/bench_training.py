@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,9 +150,24 @@ def timings(backbone: Backbone, args: argparse.Namespace) -> dict[str, dict[str,
         jobs = [UserRequest(f"u{i}", user_examples(i, args.examples), SPEC, config) for i in range(pack)]
         clock = StepClock(backbone.device)
         total = clock.run(backbone, jobs, pack)
-        plain = timed_pack(backbone, jobs, pack) if backbone.device.type == "cuda" else total
-        out[str(pack)] = {"total": total, "plain": plain, **clock.seconds}
+        cuda = backbone.device.type == "cuda"
+        plain = timed_pack(backbone, jobs, pack) if cuda else total
+        syncs = host_syncs(backbone, jobs, pack) / args.overhead_steps if cuda else float("nan")
+        out[str(pack)] = {"total": total, "plain": plain, "syncs": syncs, **clock.seconds}
     return out
+
+
+def host_syncs(backbone: Backbone, jobs: list[UserRequest], pack: int) -> int:
+    """How many times the host waits for the GPU in one run (torch's sync debug mode), all told:
+    steps, syncs of the pack, tokenizing and evaluation."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_users(backbone, jobs, pack_size=pack)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def overhead_table(args: argparse.Namespace, path: str, backbone: Backbone) -> None:
@@ -171,16 +187,19 @@ def overhead_table(args: argparse.Namespace, path: str, backbone: Backbone) -> N
     steps = args.overhead_steps
     print(f"\n3. step overhead: one full pack, {steps} steps, batch {args.batch} per user; ms per step. "
           "fwd/bwd: collate, backbone forward and backward; overhead: the rest of a step (optimizer, "
-          "clipping, schedules, the pack's prefixes, syncs); users/h: whole run, results included")
+          "clipping, schedules, the pack's prefixes, syncs); users/h: whole run, results included; "
+          "syncs/step: every wait of the host for a GPU in a run, over its steps (nan on CPU)")
     print(f"   {'pack':>4} {'fwd/bwd before':>15} {'fwd/bwd today':>14} {'overhead before':>16} "
-          f"{'overhead today':>15} {'ratio':>6} {'users/h before':>15} {'users/h today':>14}")
+          f"{'overhead today':>15} {'ratio':>6} {'users/h before':>15} {'users/h today':>14} "
+          f"{'syncs/step before':>18} {'syncs/step today':>17}")
     for pack in args.overhead_packs.split(","):
         runs = {"old": before[pack], "new": today[pack]}
         fwd = {k: 1e3 * t["fwd/bwd"] / steps for k, t in runs.items()}
         over = {k: 1e3 * (t["total"] - t["outside"] - t["fwd/bwd"]) / steps for k, t in runs.items()}
         rate = {k: 3600 * int(pack) / t["plain"] for k, t in runs.items()}
         print(f"   {int(pack):4d} {fwd['old']:15.1f} {fwd['new']:14.1f} {over['old']:16.1f} {over['new']:15.1f} "
-              f"{over['old'] / over['new']:5.1f}x {rate['old']:15.0f} {rate['new']:14.0f}")
+              f"{over['old'] / over['new']:5.1f}x {rate['old']:15.0f} {rate['new']:14.0f} "
+              f"{runs['old']['syncs']:18.1f} {runs['new']['syncs']:17.1f}")
 
 
 def main() -> None:
