@@ -70,6 +70,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("phi3", ("phi3",), False, _decoder),
     Family("gpt-neox", ("gpt_neox",), False, _decoder),
     Family("opt", ("opt",), False, _decoder),
+    Family("gemma", ("gemma2", "gemma3_text"), False, _decoder),
     Family("t5", ("t5", "mt5"), True, _t5),
 )
 
@@ -93,7 +94,8 @@ def _refuse_sliding_window(config: PretrainedConfig) -> None:
     Under a window a prefix is seen only by positions within the window of it, so it fades as a
     sequence grows; and in a mixed batch each row's left padding moves its prompt further from its
     prefix, so a row would no longer equal its user alone. Mistral's, Mixtral's and Phi-3's
-    `sliding_window` and Qwen2/3's `use_sliding_window` are refused here, once, at load.
+    `sliding_window`, Qwen2/3's `use_sliding_window` and Gemma 2/3's local layers are refused here,
+    once, at load.
     """
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)

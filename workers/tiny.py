@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -77,6 +81,11 @@ def _decoders(hidden: int) -> dict[str, tuple[type, type, dict]]:
         "phi3": (Phi3Config, Phi3ForCausalLM, {"num_key_value_heads": 2, "sliding_window": None,
                                                "original_max_position_embeddings": 512}),
         "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, {"rotary_pct": 0.5}),  # Pythia
+        # Soft-capping (Gemma 2), q/k norms (Gemma 3), local and global layers: their window spans the
+        # whole context, which is what a prefix needs (a shorter one is refused at load).
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**gqa, "sliding_window": 512, "query_pre_attn_scalar": hidden // 2}),
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {**gqa, "sliding_window": 512,
+                                                         "query_pre_attn_scalar": hidden // 2}),
         "opt": (OPTConfig, OPTForCausalLM, {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden}),
     }
 

@@ -22,12 +22,14 @@ from prefixfleet.pipelines.cli.common import (
 from prefixfleet.workers import artifact_format
 from prefixfleet.workers.errors import WorkerError
 
+TINY_TYPES = "gpt2 | llama | mistral | qwen2 | qwen3 | mixtral | phi3 | gpt_neox | opt | gemma2 | gemma3 | t5"
+FamilyOpt = Annotated[str, typer.Option(help=TINY_TYPES)]
+
 
 @app.command("init-backbone")
 def init_backbone(
     directory: Annotated[Path, typer.Argument(help="Where to write the model and tokenizer.")],
-    family: Annotated[str, typer.Option(
-        help="gpt2 | llama | mistral | qwen2 | qwen3 | mixtral | phi3 | gpt_neox | opt | t5")] = "gpt2",
+    family: FamilyOpt = "gpt2",
     seed: Annotated[int, typer.Option(help="Seed of the random init.")] = 0,
 ) -> None:
     """Build a small random-init backbone + byte-level tokenizer (save_pretrained layout)."""

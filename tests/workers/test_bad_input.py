@@ -7,7 +7,16 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    BertConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from prefixfleet.workers.architectures import family_for
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, read_meta, serialize
@@ -92,7 +101,9 @@ def test_unsupported_architecture_names_the_supported_families():
     Qwen3Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, num_hidden_layers=2),
     MixtralConfig(sliding_window=64, max_position_embeddings=512),
     Phi3Config(sliding_window=64, max_position_embeddings=512),
-], ids=["mistral", "qwen2", "qwen3", "mixtral", "phi3"])
+    Gemma2Config(sliding_window=64, max_position_embeddings=512, num_hidden_layers=2),
+    Gemma3TextConfig(sliding_window=64, max_position_embeddings=512, num_hidden_layers=2),
+], ids=["mistral", "qwen2", "qwen3", "mixtral", "phi3", "gemma2", "gemma3"])
 def test_a_sliding_window_is_refused_in_one_line_naming_the_setting(config):
     with pytest.raises(UnsupportedArchitecture, match=rf"{config.model_type}.*sliding_window=64 .*sliding_window=None"):
         family_for(config)
