@@ -262,12 +262,11 @@ class _Pack:
         """Results for users that ran all their steps, evaluated together in shared batches."""
         with torch.no_grad():
             stacked = self.prefixes()
-        tensors = [{k: v[slot].float().cpu() for k, v in stacked.items()} for slot, _ in finished]
-        device = self.backbone.device
-        with autocast(device, self.precision):
-            losses = evaluate(self.backbone, [({k: v.to(device) for k, v in t.items()}, m.evals)
-                                              for t, (_, m) in zip(tensors, finished, strict=True)])
+        on_device = [{k: v[slot] for k, v in stacked.items()} for slot, _ in finished]
+        with autocast(self.backbone.device, self.precision):
+            losses = evaluate(self.backbone, [(t, m.evals) for t, (_, m) in zip(on_device, finished, strict=True)])
             baselines = evaluate(self.backbone, [(None, m.evals) for _, m in finished])
+        tensors = [{k: v.float().cpu() for k, v in t.items()} for t in on_device]
         for (_, member), own, loss, baseline in zip(finished, tensors, losses, baselines, strict=True):
             self.finish(member.index, UserResult(
                 user=member.request.user, tensors=own, eval_loss=loss, baseline_eval_loss=baseline,
