@@ -80,12 +80,13 @@ def holdout(examples: Sequence[Example], fraction: float) -> tuple[list[Example]
     ordered = canonical_order(examples)
     if len(ordered) < 2 or fraction <= 0:
         return ordered, list(ordered)
-    evals = [e for e in ordered if int(e.digest[:8], 16) / 0xFFFFFFFF < fraction]
-    evals = evals or [ordered[-1]]
-    if len(evals) == len(ordered):
-        evals = evals[1:]
-    eval_ids = {id(e) for e in evals}
-    return [e for e in ordered if id(e) not in eval_ids], evals
+    held = [int(e.digest[:8], 16) / 0xFFFFFFFF < fraction for e in ordered]
+    if not any(held):
+        held[-1] = True
+    if all(held):
+        held[0] = False
+    return ([e for e, h in zip(ordered, held, strict=True) if not h],
+            [e for e, h in zip(ordered, held, strict=True) if h])
 
 
 @dataclass(frozen=True)

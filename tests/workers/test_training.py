@@ -9,7 +9,7 @@ import torch
 
 from prefixfleet.workers.artifact import ArtifactMeta, deserialize, serialize
 from prefixfleet.workers.backbone import weights_checksum
-from prefixfleet.workers.data import collate, data_fingerprint, encode
+from prefixfleet.workers.data import Example, collate, data_fingerprint, encode, holdout
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.forward import logits
 from prefixfleet.workers.generate import generate
@@ -125,3 +125,14 @@ def test_precision_joins_the_settings_identity_only_when_set_away_from_float32()
     assert json.loads(mixed.settings_json("prefix"))["precision"] == "bfloat16"
     with pytest.raises(WorkerError, match="unknown precision 'fp8'"):
         TrainConfig(precision="fp8")
+
+
+def test_holdout_keeps_both_sides_whatever_the_examples_repeat():
+    distinct = [Example(prompt=f"p{i}", completion=f"c{i}") for i in range(40)]
+    train, evals = holdout(distinct, 0.2)
+    assert evals and train and len(train) + len(evals) == 40
+    assert holdout(list(reversed(distinct)), 0.2) == (train, evals)  # by content, not file order
+    one = Example(prompt="p", completion="c")
+    for repeated in ([one] * 5, [Example(prompt="p", completion="c") for _ in range(5)]):
+        train, evals = holdout(repeated, 0.2)
+        assert len(train) >= 1 and len(evals) >= 1 and len(train) + len(evals) == 5
