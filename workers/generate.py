@@ -50,7 +50,9 @@ def generate_ids(
     if (mask.sum(1) == 0).any():
         raise WorkerError("a prompt tokenizes to nothing")
     input_ids, mask = input_ids.to(device), mask.to(device)
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
+    # Finished rows are filled with end-of-sequence, not padding: every row is cut there anyway, and a
+    # pad id fed back as input makes transformers warn of a missing attention mask.
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.eos_token_id)
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
     rows = None if prefixes[0] is None else stack_rows(

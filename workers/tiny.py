@@ -1,7 +1,7 @@
 """Small random-init backbones with a byte-level tokenizer, written in save_pretrained layout.
 
-No hub is needed: tests and the demo build these locally, then load them through the same
-`from_pretrained(path)` code a real model id goes through.
+No hub is needed: tests build these locally (the demo pretrains its own: `pretrain.py`), then load
+them through the same `from_pretrained(path)` code a real model id goes through.
 """
 from __future__ import annotations
 

@@ -243,34 +243,47 @@ def retrain(
 def _demo_tables(report: DemoReport) -> tuple[Table, Table]:
     from rich.table import Table
 
+    def marked(text: str, styled: bool) -> str:
+        return f"[green]✓[/green] {text}" if styled else f"[red]✗[/red] {text}"
+
     losses = Table(title="eval loss on each user's held-out examples (lower is better)")
     for column in ("user", "style", "no prefix", "own prefix", "another user's prefix", "whose"):
         losses.add_column(column, justify="right" if "prefix" in column else "left")
-    texts = Table(title="generated with the user's own prefix (a tiny random backbone: style fragments)")
-    for column in ("user", "prompt", "expected", "generated"):
+    texts = Table(title="generated from the held-out prompt (✓: the user's own greeting and sign-off)")
+    for column in ("user", "prompt", "own prefix", "no prefix", "another user's prefix"):
         texts.add_column(column)
     for r in report.rows:
         mark = "[green]" if r.own_lowest else "[red]"
         losses.add_row(r.user_id, r.style, f"{r.loss_no_prefix:.3f}", f"{mark}{r.loss_own_prefix:.3f}",
                        f"{r.loss_other_prefix:.3f}", r.other_user)
-        texts.add_row(r.user_id, r.prompt, r.expected, r.generated)
+        texts.add_row(r.user_id, r.prompt, marked(r.generated, r.styled),
+                      marked(r.generated_no_prefix, r.styled_no_prefix),
+                      marked(r.generated_other_prefix, r.styled_other_prefix))
     return losses, texts
+
+
+def _shares_line(report: DemoReport) -> str:
+    shares, count = report.shares, len(report.rows)
+    share = {key: f"{round(value * count)}/{count} ({value:.0%})" for key, value in shares.items()}
+    return (f"own greeting and sign-off in the generation: with the own prefix {share['own']}, "
+            f"with no prefix {share['none']}, with another user's prefix {share['other']}")
 
 
 @app.command()
 def demo(
-    users: Annotated[int, typer.Option("--users", help="Synthetic users (at least 3).")] = 50,
+    users: Annotated[int, typer.Option("--users", help="Synthetic users (at least 10).")] = 50,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """End to end on embedded defaults: tiny backbone, synthetic users, Ray training, registry, generation."""
+    """End to end on embedded defaults: a small pretrained backbone, synthetic users, Ray training,
+    registry, generation that shows each user's style."""
     from rich.console import Console
 
     with needs("train"):
-        from prefixfleet.pipelines.demo import MARGIN, run_demo
+        from prefixfleet.pipelines.demo import CONTROL_LIMIT, MARGIN, MIN_USERS, STYLE_GOAL, run_demo
 
-    if users < 3:
-        fail(f"--users must be at least 3, got {users}", code=2)
+    if users < MIN_USERS:
+        fail(f"--users must be at least {MIN_USERS}, got {users}", code=2)
     _setup_logging()
     registry = open_registry(home)
     try:
@@ -282,7 +295,12 @@ def demo(
     else:
         for table in _demo_tables(report):
             Console().print(table)
+        typer.echo(_shares_line(report))
     if not report.own_lowest:
         fail(f"own-prefix loss is not clearly the lowest (below {MARGIN:.0%} of the others) for every user shown")
+    if not report.styled:
+        fail(f"the style check failed: at least {STYLE_GOAL:.0%} with the own prefix and at most "
+             f"{CONTROL_LIMIT:.0%} otherwise are needed; {_shares_line(report)}")
     if not as_json:
-        typer.echo("own prefix is clearly the lowest for every user shown: personalized, not contaminated")
+        typer.echo("own prefix is clearly the lowest for every user shown, and its generations carry the user's "
+                   "style: personalized, not contaminated")

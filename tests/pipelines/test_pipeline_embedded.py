@@ -55,13 +55,22 @@ def test_train_then_rerun_publishes_nothing(backbone: str, local_env: dict[str, 
         assert len(registry.history(UserKey("default", user["user_id"]))) == 1
 
 
-def test_demo_own_prefix_is_lowest(local_env: dict[str, str], local_ray: None) -> None:
-    result = cli("demo", "--users", "3", "--json")
+def test_demo_shows_each_users_style_in_the_loss_and_in_the_text(local_env: dict[str, str], local_ray: None) -> None:
+    result = cli("demo", "--users", "10", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["own_lowest"] and report["job"]["users"]["trained"] == 3
+    assert report["own_lowest"] and report["styled"] and report["job"]["users"]["trained"] == 10
+    assert report["style_shares"]["own"] >= 0.8
+    assert max(report["style_shares"]["none"], report["style_shares"]["other"]) <= 0.2
+    assert len(report["users"]) == 10
     for row in report["users"]:
         assert row["loss_own_prefix"] < row["loss_other_prefix"] and row["loss_own_prefix"] < row["loss_no_prefix"]
+        assert row["prompt"].startswith("order ") and row["generated"] != row["generated_other_prefix"]
+
+
+def test_demo_needs_ten_users(local_env: dict[str, str]) -> None:
+    result = cli("demo", "--users", "3")
+    assert result.exit_code == 2 and "--users must be at least 10, got 3" in result.stderr
 
 
 def test_outage_deadline_must_be_positive(local_env: dict[str, str], tmp_path: Path) -> None:
