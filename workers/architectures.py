@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,13 +37,30 @@ class StackGeometry:
 
 
 @dataclass(frozen=True)
+class EncoderSide:
+    """Where an encoder-decoder keeps what a prefix touches, and what it calls it."""
+
+    self_attentions: Callable[[nn.Module], list[nn.Module]]  # the encoder's, in layer order
+    mask_keyword: str  # the keyword its self-attention mask arrives under
+    projections: tuple[str, str]  # its key and value projections
+    heads: str  # the attribute holding its head count
+    # The decoder's learned absolute positions, when it has them: they count from the cache's
+    # length, so rows that share a decode step get theirs one by one (`decoder_positions`).
+    decoder_positions: Callable[[nn.Module], nn.Module] | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """One row of the table."""
 
     name: str
     model_types: tuple[str, ...]
-    encoder_decoder: bool
     stacks: Callable[[PretrainedConfig], dict[str, StackGeometry]]
+    encoder: EncoderSide | None = None
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.encoder is not None
 
 
 def _gpt2(c: PretrainedConfig) -> dict[str, StackGeometry]:
@@ -63,15 +81,29 @@ def _t5(c: PretrainedConfig) -> dict[str, StackGeometry]:
     }
 
 
+def _bart(c: PretrainedConfig) -> dict[str, StackGeometry]:
+    return {
+        "encoder": StackGeometry(c.encoder_layers, c.encoder_attention_heads, c.d_model // c.encoder_attention_heads),
+        "decoder": StackGeometry(c.decoder_layers, c.decoder_attention_heads, c.d_model // c.decoder_attention_heads),
+    }
+
+
+T5_ENCODER = EncoderSide(lambda model: [block.layer[0].SelfAttention for block in model.get_encoder().block],
+                         mask_keyword="mask", projections=("k", "v"), heads="n_heads")
+BART_ENCODER = EncoderSide(lambda model: [layer.self_attn for layer in model.get_encoder().layers],
+                           mask_keyword="attention_mask", projections=("k_proj", "v_proj"), heads="num_heads",
+                           decoder_positions=lambda model: model.get_decoder().embed_positions)
+
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), False, _gpt2),
-    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), False, _decoder),
-    Family("mixtral", ("mixtral",), False, _decoder),
-    Family("phi3", ("phi3",), False, _decoder),
-    Family("gpt-neox", ("gpt_neox",), False, _decoder),
-    Family("opt", ("opt",), False, _decoder),
-    Family("gemma", ("gemma2", "gemma3_text"), False, _decoder),
-    Family("t5", ("t5", "mt5"), True, _t5),
+    Family("gpt2", ("gpt2",), _gpt2),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), _decoder),
+    Family("mixtral", ("mixtral",), _decoder),
+    Family("phi3", ("phi3",), _decoder),
+    Family("gpt-neox", ("gpt_neox",), _decoder),
+    Family("opt", ("opt",), _decoder),
+    Family("gemma", ("gemma2", "gemma3_text"), _decoder),
+    Family("t5", ("t5", "mt5"), _t5, T5_ENCODER),
+    Family("bart", ("bart",), _bart, BART_ENCODER),
 )
 
 
@@ -145,34 +177,46 @@ class _EncoderPrefix:
 _ENCODER_ROWS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "prefixfleet_encoder_rows", default=None
 )
+_DECODER_POSITIONS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "prefixfleet_decoder_positions", default=None
+)
 
 
-def _encoder_self_attentions(model: nn.Module) -> list[nn.Module]:
-    return [block.layer[0].SelfAttention for block in model.get_encoder().block]
-
-
-def _t5_encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+def _encoder_pre_hook(side: EncoderSide, layer: int, module: nn.Module, args: tuple, kwargs: dict):
     rows = _ENCODER_ROWS.get()
     if rows is None:
         return None
-    keys, values = rows[:, module.layer_idx, 0], rows[:, module.layer_idx, 1]
+    keys, values = rows[:, layer, 0], rows[:, layer, 1]
     kwargs["cache"] = _EncoderPrefix(keys, values)
-    mask = kwargs.get("mask")
+    mask = kwargs.get(side.mask_keyword)
     if mask is not None:  # additive float mask or boolean "may attend" mask: the prefix is visible
         visible = True if mask.dtype == torch.bool else 0.0
-        kwargs["mask"] = nn.functional.pad(mask, (keys.shape[-2], 0), value=visible)
+        kwargs[side.mask_keyword] = nn.functional.pad(mask, (keys.shape[-2], 0), value=visible)
     return args, kwargs
 
 
-def install_encoder_hooks(family: Family, model: nn.Module) -> None:
-    """Let the encoder's self-attention read a prefix ([PREFIX; x] at every encoder layer).
+def _positions_hook(module: nn.Module, args: tuple, output: torch.Tensor):
+    positions = _DECODER_POSITIONS.get()
+    if positions is None:
+        return None
+    steps = torch.arange(output.shape[-2], device=positions.device)
+    return nn.functional.embedding(positions[:, None] + steps + module.offset, module.weight)
 
-    The hooks do nothing unless `encoder_prefix(rows)` is active. PEFT never reaches a T5 encoder
-    (its issue #1188); here both sides get their own prefix.
+
+def install_encoder_hooks(family: Family, model: nn.Module) -> None:
+    """Let the encoder's self-attention read a prefix ([PREFIX; x] at every encoder layer), and a
+    decoder with learned positions take each row's own.
+
+    The hooks do nothing unless `encoder_prefix(rows)` or `decoder_positions(...)` is active. PEFT
+    never reaches an encoder (its issue #1188); here both sides get their own prefix.
     """
-    if family.encoder_decoder:
-        for attention in _encoder_self_attentions(model):
-            attention.register_forward_pre_hook(_t5_encoder_pre_hook, with_kwargs=True)
+    side = family.encoder
+    if side is None:
+        return
+    for layer, attention in enumerate(side.self_attentions(model)):
+        attention.register_forward_pre_hook(functools.partial(_encoder_pre_hook, side, layer), with_kwargs=True)
+    if side.decoder_positions is not None:
+        side.decoder_positions(model).register_forward_hook(_positions_hook)
 
 
 @contextlib.contextmanager
@@ -183,6 +227,17 @@ def encoder_prefix(rows: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _ENCODER_ROWS.reset(token)
+
+
+@contextlib.contextmanager
+def decoder_positions(first: torch.Tensor) -> Iterator[None]:
+    """Within this block a decoder with learned positions numbers row r's tokens from `first[r]`
+    on, as that row alone would count them (the cache's length), not from the shared cache width."""
+    token = _DECODER_POSITIONS.set(first)
+    try:
+        yield
+    finally:
+        _DECODER_POSITIONS.reset(token)
 
 
 # ---- activations of real tokens (init from text) -----------------------------------------------
@@ -196,12 +251,14 @@ def text_activations(family: Family, model: nn.Module, token_ids: torch.Tensor) 
     """
     ids = token_ids.unsqueeze(0)
     out: dict[str, torch.Tensor] = {}
-    if family.encoder_decoder:
-        captured: dict[tuple[int, str], torch.Tensor] = {}
+    if family.encoder is not None:
+        attentions = family.encoder.self_attentions(model)
+        captured: dict[tuple[int, int], torch.Tensor] = {}
         handles = []
-        for attention in _encoder_self_attentions(model):
-            for name in ("k", "v"):
-                def grab(mod, inp, output, key=(attention.layer_idx, name), heads=attention.n_heads):
+        for layer, attention in enumerate(attentions):
+            heads = getattr(attention, family.encoder.heads)
+            for kind, name in enumerate(family.encoder.projections):
+                def grab(mod, inp, output, key=(layer, kind), heads=heads):
                     captured[key] = output.view(1, output.shape[1], heads, -1).transpose(1, 2)
                 handles.append(getattr(attention, name).register_forward_hook(grab))
         try:
@@ -209,9 +266,8 @@ def text_activations(family: Family, model: nn.Module, token_ids: torch.Tensor) 
         finally:
             for handle in handles:
                 handle.remove()
-        layers = len(_encoder_self_attentions(model))
         out["encoder"] = torch.stack(
-            [torch.stack([captured[(i, "k")][0], captured[(i, "v")][0]]) for i in range(layers)]
+            [torch.stack([captured[(i, 0)][0], captured[(i, 1)][0]]) for i in range(len(attentions))]
         )
         cache = result.cache.self_attention_cache
     else:

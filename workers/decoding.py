@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from prefixfleet.workers.architectures import decoder_positions
 from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.prefix import PrefixTensors, stack_rows
@@ -125,9 +126,11 @@ def decode_step(backbone: Backbone, rows: Rows, tokens: torch.Tensor) -> torch.T
     rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
     step = tokens.view(-1, 1).to(backbone.device)
     if backbone.family.encoder_decoder:
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=rows.encoder_states),
-                    attention_mask=rows.encoder_mask, decoder_input_ids=step, decoder_attention_mask=rows.mask,
-                    cache=rows.cache, use_cache=True)
+        # A row alone would count its decoder position from its own cache: its real columns so far.
+        with decoder_positions(rows.mask.sum(1) - 1):
+            out = model(encoder_outputs=BaseModelOutput(last_hidden_state=rows.encoder_states),
+                        attention_mask=rows.encoder_mask, decoder_input_ids=step, decoder_attention_mask=rows.mask,
+                        cache=rows.cache, use_cache=True)
     else:
         out = model(input_ids=step, attention_mask=rows.mask, position_ids=rows.positions.view(-1, 1),
                     cache=rows.cache, use_cache=True)

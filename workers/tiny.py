@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -90,7 +92,7 @@ def _decoders(hidden: int) -> dict[str, tuple[type, type, dict]]:
     }
 
 
-TINY_FAMILIES = ("gpt2", *_decoders(64), "t5")
+TINY_FAMILIES = ("gpt2", *_decoders(64), "t5", "bart")
 
 
 def _config(family: str, hidden: int, layers: int):
@@ -110,6 +112,15 @@ def _config(family: str, hidden: int, layers: int):
             d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=layers, num_decoder_layers=layers,
             num_heads=4, feed_forward_proj="relu", decoder_start_token_id=PAD_ID, **common,
         ), T5ForConditionalGeneration
+    # Learned absolute positions on both sides; the decoder starts from </s>. BART draws every weight
+    # with init_std as is (T5 scales its by width), so half the range keeps it from saturating.
+    if family == "bart":
+        return BartConfig(
+            d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden,
+            max_position_embeddings=512, decoder_start_token_id=EOS_ID, forced_bos_token_id=None,
+            forced_eos_token_id=None, init_std=common.pop("initializer_range") / 2, **common,
+        ), BartForConditionalGeneration
     raise WorkerError(f"unknown family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
 
 

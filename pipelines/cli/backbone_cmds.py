@@ -22,7 +22,7 @@ from prefixfleet.pipelines.cli.common import (
 from prefixfleet.workers import artifact_format
 from prefixfleet.workers.errors import WorkerError
 
-TINY_TYPES = "gpt2 | llama | mistral | qwen2 | qwen3 | mixtral | phi3 | gpt_neox | opt | gemma2 | gemma3 | t5"
+TINY_TYPES = "gpt2 | llama | mistral | qwen2 | qwen3 | mixtral | phi3 | gpt_neox | opt | gemma2 | gemma3 | t5 | bart"
 FamilyOpt = Annotated[str, typer.Option(help=TINY_TYPES)]
 
 

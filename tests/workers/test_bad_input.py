@@ -66,7 +66,7 @@ def test_init_text_that_tokenizes_to_nothing_fails_its_user_before_training(back
         prepare(silent(backbones["gpt2"]), request)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "t5", "bart"])
 def test_over_long_example_is_truncated_by_the_stated_policy(backbones, family, caplog):
     backbone = backbones[family]
     long = Example(prompt="p" * 300, completion="c" * 50)

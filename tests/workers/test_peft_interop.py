@@ -12,11 +12,11 @@ from prefixfleet.workers.forward import logits
 from prefixfleet.workers.peft_interop import export_peft, import_peft
 from prefixfleet.workers.prefix import UserPrefix
 from prefixfleet.workers.spec import PrefixSpec
-from tests.fixtures.backbones import FAMILIES, examples_for
+from tests.fixtures.backbones import ENCODER_DECODERS, FAMILIES, examples_for
 from tests.fixtures.peft_logits import peft_logits
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "t5"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ENCODER_DECODERS])
 @pytest.mark.parametrize("method", ["prefix", "ptuning-v2", "prompt"])
 def test_peft_export_gives_identical_logits(backbone_dirs, tmp_path, family, method):
     ours = load_backbone(backbone_dirs[family])
@@ -42,8 +42,9 @@ def test_peft_export_gives_identical_logits(backbone_dirs, tmp_path, family, met
         assert torch.allclose(back[name], tensors[name])
 
 
-def test_encoder_decoder_deep_prefix_is_not_exported(backbones, tmp_path):
-    backbone = backbones["t5"]
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_encoder_decoder_deep_prefix_is_not_exported(backbones, tmp_path, family):
+    backbone = backbones[family]
     spec = PrefixSpec(method="ptuning-v2", num_virtual_tokens=3)
     tensors = UserPrefix(backbone, spec, torch.Generator().manual_seed(0))()
     with pytest.raises(WorkerError, match="encoder"):

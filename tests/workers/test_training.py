@@ -15,7 +15,7 @@ from prefixfleet.workers.forward import logits
 from prefixfleet.workers.generate import generate
 from prefixfleet.workers.spec import METHODS, PrefixSpec, TrainConfig
 from prefixfleet.workers.trainer import UserRequest, train_user
-from tests.fixtures.backbones import FAMILIES, examples_for
+from tests.fixtures.backbones import ENCODER_DECODERS, FAMILIES, examples_for
 
 CONFIG = TrainConfig(steps=30, batch_size=8)
 
@@ -99,8 +99,9 @@ def test_warm_start_continues_from_an_earlier_prefix(backbones):
     assert warm.eval_loss == pytest.approx(first.eval_loss, abs=1e-3)
 
 
-def test_t5_encoder_prefix_changes_the_encoder_output(backbones):
-    backbone = backbones["t5"]
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_the_encoder_prefix_changes_the_encoder_output(backbones, family):
+    backbone = backbones[family]
     from prefixfleet.workers.architectures import encoder_prefix
     ids = backbone.tokenizer(["order 3 kite for Bo"], return_tensors="pt").input_ids
     encoder = backbone.model.get_encoder()

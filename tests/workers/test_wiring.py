@@ -10,7 +10,7 @@ from prefixfleet.workers.forward import logits, row_losses
 from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import UserPrefix
 from prefixfleet.workers.spec import METHODS, PrefixSpec
-from tests.fixtures.backbones import FAMILIES
+from tests.fixtures.backbones import ENCODER_DECODERS, FAMILIES
 
 PROMPTS = ["order 3 kite for Bo\n", "Dear Ana,", "ship 12 mugs"]
 
@@ -48,9 +48,10 @@ def test_greedy_generation_equals_the_argmax_training_scores(backbones, family, 
         assert scores.argmax(-1).tolist() == generated, (prompt, generated)
 
 
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
 @pytest.mark.parametrize("method", ["prefix", "ptuning-v2"])
-def test_the_t5_encoder_prefix_reaches_the_training_loss(backbones, method):
-    backbone = backbones["t5"]
+def test_the_encoder_prefix_reaches_the_training_loss(backbones, method, family):
+    backbone = backbones[family]
     tensors = _prefix(backbone, method, seed=2)
     batch = _teacher_forced(backbone, PROMPTS[0], [5, 6, 7, 8])
     batch = Batch(batch.input_ids, batch.attention_mask, torch.tensor([[5, 6, 7, 8]]),
