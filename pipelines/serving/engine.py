@@ -212,6 +212,9 @@ class Engine:
 
     def _prefill(self, rows: list[Row]) -> None:
         try:
+            for row in rows:
+                if row.settings.sampling.do_sample:
+                    row.generator = row_generator(row.settings.seed, self.backbone.device)
             state, logits = decoding.prefill(self.backbone, [r.prefix for r in rows], [r.ids for r in rows])
         except Exception as exc:  # noqa: BLE001 - a bad request fails alone, never its neighbours
             if len(rows) == 1:
@@ -221,9 +224,6 @@ class Engine:
                     self._prefill([row])
             return
         self.stats.prefills += 1
-        for row in rows:
-            if row.settings.sampling.do_sample:
-                row.generator = row_generator(row.settings.seed, self.backbone.device)
         self._state = decoding.join(self._state, state)
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._running += rows

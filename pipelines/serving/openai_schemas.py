@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefixfleet.pipelines.serving.schemas import StopString
+from prefixfleet.pipelines.serving.schemas import Seed, StopString
 
 MAX_CHOICES = 8
 MAX_PROMPTS = 16
@@ -33,7 +33,7 @@ class _Sampled(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, description="A 64-bit integer.")]
 
 
 class GenerateRequest(BaseModel):
@@ -22,7 +23,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
-    seed: int | None = Field(None, description="Seeds this request's own sampler: the same seed, the same text.")
+    seed: Seed | None = Field(None, description="Seeds this request's own sampler: the same seed, the same text.")
     stop: list[StopString] = Field(default_factory=list, max_length=4,
                                    description="Generation ends before the first of these strings.")
 

@@ -166,6 +166,20 @@ def test_a_cancelled_row_frees_its_slot_and_a_bad_row_fails_alone(backbone):
         engine.close()
 
 
+def test_a_seed_the_generator_refuses_fails_its_row_and_the_engine_serves_on(backbone):
+    engine = Engine(backbone)
+    try:
+        bad = engine.submit(None, prompt_ids(backbone, PROMPTS[0]), RowSettings(4, SAMPLED, seed=2**70))
+        good = engine.submit(None, prompt_ids(backbone, PROMPTS[1]), RowSettings(4, SAMPLED, seed=1))
+        with pytest.raises(Exception, match="[Oo]verflow"):
+            bad.future.result(timeout=60)
+        assert len(good.future.result(timeout=60).token_ids) == 4
+        later = engine.submit(None, prompt_ids(backbone, PROMPTS[2]), RowSettings(4))
+        assert later.future.result(timeout=60).token_ids == alone(backbone, None, PROMPTS[2], 4)
+    finally:
+        engine.close()
+
+
 def test_end_of_sequence_ends_a_row_and_close_finishes_what_was_submitted(tiny_backbones):
     backbone = tiny_backbones.load("llama")  # its own generation config: rows end at end-of-sequence
     engine = Engine(backbone)

@@ -161,6 +161,7 @@ def test_models_lists_users_with_production_a_page_at_a_time(client, url):
     (dict(model="ana", max_tokens=1000), openai.UnprocessableEntityError, "exceeds the backbone's context"),
     (dict(model="ana", max_tokens=10_000), openai.UnprocessableEntityError, "this server's limit of 1024 new tokens"),
     (dict(model="ana", prompt="x" * 9000), openai.UnprocessableEntityError, "at most 8192 prompt tokens"),
+    (dict(model="ana", seed=-(2**70), temperature=1.0), openai.UnprocessableEntityError, "seed"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_problem(client, kwargs, error, words):
     with pytest.raises(error) as raised:
