@@ -5,6 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import torch
 from torch import nn
@@ -68,12 +69,31 @@ class Backbone:
 
 
 def weights_checksum(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer, in name order, bit for bit."""
+    """sha256 of every parameter and buffer, in name order, bit for bit. Floating-point tensors are
+    hashed as float32, which holds bf16 and fp16 values exactly: a checkpoint has one checksum
+    whether it was loaded in its own half precision (on a GPU) or upcast to float32 (on a CPU)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype != torch.float64:
+            tensor = tensor.float()
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+HALF_PRECISIONS = (torch.bfloat16, torch.float16)
+
+
+def checkpoint_dtype(config, device: str | torch.device | None) -> torch.dtype:
+    """The dtype to run a checkpoint in: its own half precision (bf16/fp16) on an accelerator, float32
+    on a CPU (whose half-precision matmuls are slow) or when the checkpoint states no half precision."""
+    if device is None or torch.device(device).type == "cpu":
+        return torch.float32
+    stated = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stated, str):
+        stated = getattr(torch, stated, None)
+    return stated if stated in HALF_PRECISIONS else torch.float32
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -87,10 +107,11 @@ def load_backbone(
     name_or_path: str,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | Literal["checkpoint"] | None = None,
     attn_implementation: str | None = None,
 ) -> Backbone:
-    """Load any supported HF model id or local save_pretrained directory, frozen.
+    """Load any supported HF model id or local save_pretrained directory, frozen, in `dtype`: float32
+    when None; "checkpoint": `checkpoint_dtype` (what serving asks for).
 
     Attention defaults to `eager` on CPU: there every row's result is independent of the other
     rows and of padding, bit for bit (SDPA's fused CPU kernel rounds differently with the padded
@@ -102,6 +123,8 @@ def load_backbone(
     auto = AutoModelForSeq2SeqLM if family.encoder_decoder else AutoModelForCausalLM
     on_cpu = device is None or torch.device(device).type == "cpu"
     attention = attn_implementation or ("eager" if on_cpu else None)
+    if dtype == "checkpoint":
+        dtype = checkpoint_dtype(config, device)
     model = auto.from_pretrained(name_or_path, dtype=dtype or torch.float32, attn_implementation=attention)
     if device is not None:
         model.to(device)

@@ -29,7 +29,7 @@ def _load(name_or_path: str, device: str | None = None) -> Backbone:
         from prefixfleet.workers.backbone import load_backbone
 
     try:
-        return load_backbone(name_or_path, device=device)
+        return load_backbone(name_or_path, device=device, dtype="checkpoint")
     except (OSError, ValueError, WorkerError) as exc:
         fail(f"cannot load backbone {name_or_path!r}: {exc}")
 

@@ -21,7 +21,7 @@ APP_NAME = "prefixfleet"
 class PrefixFleetReplica:
     def __init__(self, backbone: str, registry: RegistryAddress, config: ServeConfig, keys: ApiKeys | None,
                  device: str | None) -> None:
-        self.service = PrefixService(load_backbone(backbone, device=device), registry.open(), config)
+        self.service = PrefixService(load_backbone(backbone, device=device, dtype="checkpoint"), registry.open(), config)
         self.keys = keys
 
     def __serve_build_asgi_app__(self) -> FastAPI:
