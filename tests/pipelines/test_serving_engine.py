@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefixfleet.pipelines.serving.engine import Cancelled, Engine, RowSettings, row_need
-from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.backbone import Backbone, load_backbone
 from prefixfleet.workers.decoding import prompt_ids
 from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
@@ -66,6 +66,13 @@ def test_rows_join_mid_flight_and_equal_each_user_alone(backbone):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gpt2", "t5")])
 def test_every_other_family_serves_through_the_engine_as_alone(tiny_backbones, family):
     rows_join_mid_flight_and_equal_each_user_alone(printable_only(tiny_backbones.load(family)))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_a_backbone_in_half_precision_serves_as_alone(tiny_backbones, family):
+    """What a GPU server runs (the checkpoint's bf16): the engine's casts hold there too."""
+    rows_join_mid_flight_and_equal_each_user_alone(
+        printable_only(load_backbone(tiny_backbones.path(family), dtype=torch.bfloat16)))
 
 
 def rows_join_mid_flight_and_equal_each_user_alone(backbone: Backbone) -> None:
