@@ -2,6 +2,7 @@
 row draws only from its own generator, so its output is the same whoever shares its batch."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,8 +22,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise WorkerError("sampling needs temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1")
+        if not 0 < self.temperature < math.inf or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise WorkerError("sampling needs a finite temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1")
 
 
 def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -46,7 +47,10 @@ def next_tokens(logits: torch.Tensor, settings: Sequence[Sampling],
 
 
 def _draw(scores: torch.Tensor, how: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    scores = scores.float() / how.temperature
+    scores = scores.float()
+    # Shifted before scaling (softmax does not mind) and divided by at least float32's smallest
+    # normal: however tiny the temperature, nothing overflows to inf and the top token keeps 0.
+    scores = (scores - scores.max()) / max(how.temperature, torch.finfo(torch.float32).tiny)
     if 0 < how.top_k < scores.numel():
         kth = torch.topk(scores, how.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -187,9 +187,13 @@ class Engine:
                     self._wake.wait()
                 if self._closed and not self._waiting and not self._running:
                     return
-            self._admit()
-            if self._running:
-                self._step()
+            try:
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - the engine outlives any one step
+                log.exception("a step of %d rows failed", len(self._running))
+                self._abort_running(exc)
 
     def _admit(self) -> None:
         """Prefill waiting rows while they fit (rows, KV budget, this step's prefill tokens), those of
@@ -204,11 +208,17 @@ class Engine:
                     continue
                 admitted.append(row)
                 tokens += len(row.ids)
-        groups: dict[tuple, list[Row]] = {}
-        for row in admitted:
-            groups.setdefault(layout(row.prefix), []).append(row)
-        for group in groups.values():
-            self._prefill(group)
+        try:
+            groups: dict[tuple, list[Row]] = {}
+            for row in admitted:
+                groups.setdefault(layout(row.prefix), []).append(row)
+            for group in groups.values():
+                self._prefill(group)
+        except Exception as exc:  # noqa: BLE001 - an admitted row is answered, never dropped
+            log.exception("admitting %d rows failed", len(admitted))
+            for row in admitted:
+                if row not in self._running:
+                    self._fail(row, exc)
 
     def _prefill(self, rows: list[Row]) -> None:
         try:
@@ -216,6 +226,8 @@ class Engine:
                 if row.settings.sampling.do_sample:
                     row.generator = row_generator(row.settings.seed, self.backbone.device)
             state, logits = decoding.prefill(self.backbone, [r.prefix for r in rows], [r.ids for r in rows])
+            joined = decoding.join(self._state, state)
+            logits = logits if self._logits is None else torch.cat([self._logits, logits])
         except Exception as exc:  # noqa: BLE001 - a bad request fails alone, never its neighbours
             if len(rows) == 1:
                 self._fail(rows[0], exc)
@@ -224,9 +236,14 @@ class Engine:
                     self._prefill([row])
             return
         self.stats.prefills += 1
-        self._state = decoding.join(self._state, state)
-        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._state, self._logits = joined, logits
         self._running += rows
+
+    def _abort_running(self, exc: Exception) -> None:
+        """Nothing of a failed step can be trusted: its rows fail with its error, the engine goes on."""
+        for row in self._running:
+            self._fail(row, exc)
+        self._running, self._state, self._logits = [], None, None
 
     def _fits(self, row: Row, admitted: list[Row]) -> bool:
         rows = [*self._running, *admitted, row]
@@ -255,14 +272,7 @@ class Engine:
         self._logits = None
         if not self._running:
             return
-        try:
-            self._logits = decoding.decode_step(self.backbone, self._state, tokens[stay])
-        except Exception as exc:  # noqa: BLE001 - nothing of a failed step can be trusted
-            log.exception("a decode step of %d rows failed", len(self._running))
-            for row in self._running:
-                self._fail(row, exc)
-            self._running, self._state = [], None
-            return
+        self._logits = decoding.decode_step(self.backbone, self._state, tokens[stay])
         stats = self.stats
         stats.steps += 1
         stats.row_steps += len(self._running)

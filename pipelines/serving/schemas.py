@@ -20,7 +20,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(32, ge=1, le=1024)
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
     seed: Seed | None = Field(None, description="Seeds this request's own sampler: the same seed, the same text.")

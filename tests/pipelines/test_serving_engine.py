@@ -187,6 +187,29 @@ def test_a_seed_the_generator_refuses_fails_its_row_and_the_engine_serves_on(bac
         engine.close()
 
 
+def test_a_step_that_raises_fails_its_rows_and_the_engine_serves_on(backbone, monkeypatch):
+    from prefixfleet.pipelines.serving import engine as engine_module
+
+    real, calls = engine_module.next_tokens, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "next_tokens", fails_once)
+    engine = Engine(backbone)
+    try:
+        hit = engine.submit(None, prompt_ids(backbone, PROMPTS[0]), RowSettings(4, SAMPLED, seed=1))
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            hit.future.result(timeout=60)
+        later = engine.submit(None, prompt_ids(backbone, PROMPTS[2]), RowSettings(4))
+        assert later.future.result(timeout=60).token_ids == alone(backbone, None, PROMPTS[2], 4)
+    finally:
+        engine.close()
+
+
 def test_end_of_sequence_ends_a_row_and_close_finishes_what_was_submitted(tiny_backbones):
     backbone = tiny_backbones.load("llama")  # its own generation config: rows end at end-of-sequence
     engine = Engine(backbone)

@@ -97,6 +97,7 @@ def test_unknown_user_is_404_with_a_clear_message(client):
     {"user_id": "user-00", "namespace": "Not Valid!", "prompt": "hi"},
     {"user_id": "tab\there", "prompt": "hi"},
     {"user_id": "user-00", "prompt": "hi", "do_sample": True, "seed": 2**64},
+    {"user_id": "user-00", "prompt": "hi", "do_sample": True, "temperature": "inf"},
 ])
 def test_bad_body_is_422(client, body):
     assert client.post("/v1/generate", json=body).status_code == 422

@@ -3,11 +3,14 @@ methods and prefix lengths share decode steps, join mid-flight and leave early, 
 greedy tokens equal transformers' `generate` for that user alone — for every family."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from prefixfleet.workers import decoding
 from prefixfleet.workers.backbone import Backbone
+from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.generate import generate_ids
 from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
 from prefixfleet.workers.sampling import Sampling, next_tokens, row_generator
@@ -157,3 +160,16 @@ def test_a_seeded_row_draws_the_same_tokens_whoever_shares_its_step(endless):
     alone = draw(shared=False)
     assert draw(shared=True) == alone
     assert len(set(alone)) > 1
+
+
+def test_a_tiny_temperature_draws_the_most_likely_token_and_an_infinite_one_is_refused():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    logits[:, :5] = float("-inf")  # suppressed tokens, as the engine masks them
+    for temperature in (1e-30, 1e-40, 1e-300, 5e-324):
+        settings = [Sampling(do_sample=True, temperature=temperature, top_k=k, top_p=p)
+                    for k, p in ((0, 1), (5, 1), (0, .5), (3, .9))]
+        generators = [row_generator(seed, torch.device("cpu")) for seed in range(4)]
+        assert torch.equal(next_tokens(logits, settings, generators), logits.argmax(-1)), temperature
+    for temperature in (math.inf, math.nan, 0.0):
+        with pytest.raises(WorkerError, match="finite temperature"):
+            Sampling(do_sample=True, temperature=temperature)
