@@ -10,9 +10,13 @@ through the product:
 - publish: --publishes returning users get a new version, promoted (`publish(promote=True)` on
   the bulk read of its chunk, as a job's actor does); vanilla: `create_model_version` plus the
   two `set_registered_model_alias` calls, without our artifact, exactly-once or erasure checks;
-- `fsck` (every model, version and object, each artifact hashed) and `gc --keep-last 5`.
+- `fsck` (every model, version and object, each artifact hashed) and `gc --keep-last 5`;
+- the reads under them beside the path they replaced, on the first --anchor-users users: fsck's
+  bulk read (`Catalog.scan`: MLflow's tables read by range) against paging MLflow's own searches
+  (a page of models, then their versions), and gc's one search for versions past keep_last against
+  the scan of every registered model it replaced; per user, and scaled to the registry.
 
-    python benchmarks/bench_registry_scale.py [--users 1000000] [--samples 1000] [--publishes 300]
+    python benchmarks/bench_registry_scale.py [--users 1000000] [--samples 1000] [--publishes 300] [--anchor-users 20000]
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from benchmarks.registry_fill import Template, check_equivalent, fill  # noqa: E402
 from prefixfleet.registry import Registry, UserKey, fsck, gc  # noqa: E402
+from prefixfleet.registry.catalog import Catalog  # noqa: E402
 from prefixfleet.workers.spec import PrefixSpec, TrainConfig  # noqa: E402
 
 T = TypeVar("T")
@@ -59,11 +64,33 @@ def timed(step: str, call: Callable[[], T]) -> tuple[T, float]:
     return out, time.perf_counter() - started
 
 
+def scan_rate(registry: Registry, scan: Callable, users: int) -> float:
+    """Seconds per user of paging `scan` from the registry's first user until `users` are read."""
+    started, read, cursor = time.perf_counter(), 0, None
+    while read < users:
+        page, cursor = scan(registry.catalog.inner, f"{registry.prefix}.%", cursor)
+        read += len(page)
+        if not cursor:
+            break
+    return (time.perf_counter() - started) / read
+
+
+def models_rate(registry: Registry, users: int) -> float:
+    """Seconds per user of the model scan gc made before it searched versions past keep_last."""
+    started, read = time.perf_counter(), 0
+    for _ in registry.models():
+        read += 1
+        if read == users:
+            break
+    return (time.perf_counter() - started) / read
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--publishes", type=int, default=300)
+    parser.add_argument("--anchor-users", type=int, default=20_000)
     parser.add_argument("--tracking-uri")
     args = parser.parse_args()
     rng = random.Random(0)
@@ -129,6 +156,15 @@ def main() -> None:
               flush=True)
         removed, _ = timed("gc --keep-last 5", lambda: gc(cold, keep_last=5))
         print(f"  {len(removed)} versions removed (none is beyond the newest 5)")
+        sample = min(args.anchor_users, args.users)
+        ours_scan = scan_rate(cold, type(cold.catalog.inner).scan, sample)
+        searched = scan_rate(cold, Catalog.scan, sample)
+        print(f"fsck's read of {sample:,} users: ours {ours_scan * 1e3:.3f} ms/user, MLflow's searches "
+              f"{searched * 1e3:.3f} ms/user ({searched / ours_scan:.1f}x); scaled to {args.users:,}: "
+              f"{ours_scan * args.users:.0f} s vs {searched * args.users:.0f} s", flush=True)
+        old_gc = models_rate(cold, sample)
+        print(f"gc's read before: every model at {old_gc * 1e3:.3f} ms/user, scaled to {args.users:,}: "
+              f"{old_gc * args.users:.0f} s", flush=True)
         print(f"fill rate: {args.users / filled:,.0f} users/s")
         cold.close()
 

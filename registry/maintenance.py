@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
 from prefixfleet.registry import refs
 from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord
+from prefixfleet.registry.catalog.base import VERSIONS_PER_PAGE
 from prefixfleet.registry.erasure import ERASURE_KEY
 from prefixfleet.registry.errors import IntegrityError
 from prefixfleet.registry.header import read_header
@@ -23,7 +24,7 @@ from prefixfleet.registry.keys import SHA256_DIGEST, UserKey, unescape
 from prefixfleet.registry.refs import VersionRef
 from prefixfleet.registry.registry import Registry
 
-PAGE_USERS = 1000  # users whose versions are read together (a page of the model search)
+PAGE_USERS = 1000  # users gc reads together
 GRACE_S = 3600.0  # far beyond a publish that waits out an outage (train's --outage-deadline: 180 s)
 _OBJECT_KEY = re.compile(r"(?P<ns>[^/]+)/(?P<shard>[0-9a-f]{2})/(?P<user>[^/]+)/(?P<sha>[0-9a-f]{64})\.safetensors")
 
@@ -99,16 +100,6 @@ def _delete_version(reg: Registry, name: str, version: int) -> None:
         pass
 
 
-def _with_versions(reg: Registry, models: Iterable[tuple[UserKey, ModelRecord]]
-                   ) -> Iterator[tuple[UserKey, ModelRecord, list[VersionRecord]]]:
-    """Each (user, model) with its live versions, newest first, read in bulk a page of users at a time."""
-    iterator = iter(models)
-    while page := list(islice(iterator, PAGE_USERS)):
-        versions = reg.versions_of([key for key, _ in page])
-        for key, model in page:
-            yield key, model, versions[key]
-
-
 def _check_user(reg: Registry, report: FsckReport, key: UserKey, model: ModelRecord, records: list[VersionRecord],
                 sizes: dict[str, int], referenced: set[str]) -> None:
     repair = report.repair
@@ -162,7 +153,7 @@ def fsck(reg: Registry, *, repair: bool = False, grace_s: float = GRACE_S) -> Fs
     sizes = {k: size for k, size in reg.store.list() if not ERASURE_KEY.fullmatch(k)}
     report.objects = len(sizes)
     referenced: set[str] = set()
-    for key, model, records in _with_versions(reg, reg.models()):
+    for key, model, records in reg.scan():
         _check_user(reg, report, key, model, records, sizes, referenced)
     for object_key in sorted(set(sizes) - referenced):
         owner = _object_owner(object_key)
@@ -184,18 +175,40 @@ def fsck(reg: Registry, *, repair: bool = False, grace_s: float = GRACE_S) -> Fs
     return report
 
 
+def _past(reg: Registry, keep_last: int) -> list[str]:
+    """Names of the models with a live version numbered past `keep_last` (version numbers start at 1,
+    so no other user has anything to drop), from one paged version search, read whole before
+    anything is deleted: deleting under a search paged by offset would skip rows."""
+    names: dict[str, None] = {}
+    token: str | None = None
+    while True:
+        page, token = reg.catalog.search_versions(
+            f"name LIKE '{reg.prefix}.%' AND version_number > {keep_last}", order_by="name ASC",
+            max_results=VERSIONS_PER_PAGE, page_token=token)
+        names.update(dict.fromkeys(r.name for r in page))
+        if not token:
+            return list(names)
+
+
+def _targets(reg: Registry, names: list[str]) -> Iterator[tuple[UserKey, ModelRecord, list[VersionRecord]]]:
+    """(user, model, live versions newest first) of each named model, read a page of users at a time."""
+    iterator = iter(names)
+    while page := list(islice(iterator, PAGE_USERS)):
+        models, versions = reg.catalog.models_named(page), reg.catalog.versions_named(page)
+        for name in page:
+            user = UserKey.from_model_name(name, reg.prefix)
+            if user is not None and name in models:
+                yield user, models[name], versions[name]
+
+
 def gc(reg: Registry, key: UserKey | None = None, *, keep_last: int = 5) -> list[VersionRef]:
     """Delete all but the newest `keep_last` versions (aliased versions always stay) and the
     artifacts no remaining version of that user uses."""
     if keep_last < 0:
         raise ValueError("keep_last must be >= 0")
-    if key is not None:
-        model = reg.catalog.get_model(key.model_name(reg.prefix))
-        targets: Iterable[tuple[UserKey, ModelRecord]] = [(key, model)] if model else []
-    else:  # version numbers start at 1, so a user whose newest is within keep_last has nothing to drop
-        targets = ((user, model) for user, model in reg.models() if model.latest > keep_last)
+    names = [key.model_name(reg.prefix)] if key is not None else _past(reg, keep_last)
     removed: list[VersionRef] = []
-    for user, model, records in _with_versions(reg, targets):
+    for user, model, records in _targets(reg, names):
         name = user.model_name(reg.prefix)
         aliased = set(model.aliases.values())
         doomed = {r.version for r in records[keep_last:] if r.version not in aliased}

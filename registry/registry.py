@@ -24,9 +24,6 @@ from prefixfleet.registry.keys import UserKey, check_namespace, check_prefix
 from prefixfleet.registry.refs import ForgetReceipt, VersionRef
 from prefixfleet.registry.store import FileStore, open_store
 
-NAMES_PER_SEARCH = 100  # users per bulk read
-FILTER_CHARS = 3000  # of its filter: servers refuse request lines past about 4 KiB
-VERSIONS_PER_PAGE = 10_000  # MLflow's default page of a version search (its cap is 200,000)
 _SETTLE_ROUNDS = 20
 _HISTORY = 100  # production versions remembered for rollback
 
@@ -244,33 +241,9 @@ class Registry:
     def published(self, keys: list[UserKey]) -> dict[UserKey, Published | None]:
         """What is published for many users, from one search of registered models per batch of
         names: None for a user whose index is missing or stale (ask `find` and `resolve` for that one)."""
-        out: dict[UserKey, Published | None] = {}
-        for batch in self._name_batches(keys):
-            names = ", ".join(f"'{n}'" for n in batch)
-            models: dict[str, ModelRecord] = {}
-            token: str | None = None
-            while True:
-                page, token = self.catalog.search_models(f"name IN ({names})", token)
-                models.update((m.name, m) for m in page)
-                if not token:
-                    break
-            out.update((k, read_index(k, models.get(n))) for n, k in batch.items())
-        return out
-
-    def _name_batches(self, keys: list[UserKey]) -> Iterator[dict[str, UserKey]]:
-        """Model names to keys, in batches of at most NAMES_PER_SEARCH names and FILTER_CHARS of
-        filter (a search over REST is a GET: its filter travels in the request line)."""
-        batch: dict[str, UserKey] = {}
-        chars = 0
-        for key in keys:
-            name = key.model_name(self.prefix)
-            if batch and (len(batch) == NAMES_PER_SEARCH or chars + len(name) + 4 > FILTER_CHARS):
-                yield batch
-                batch, chars = {}, 0
-            batch[name] = key
-            chars += len(name) + 4
-        if batch:
-            yield batch
+        names = {key.model_name(self.prefix): key for key in keys}
+        models = self.catalog.models_named(list(names))
+        return {key: read_index(key, models.get(name)) for name, key in names.items()}
 
     def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:
         """A fresh read of one version, aliases included (searches do not report aliases)."""
@@ -416,16 +389,18 @@ class Registry:
 
     def models(self, namespace: str | None = None) -> Iterator[tuple[UserKey, ModelRecord]]:
         """(key, MLflow record) of every user of this registry, or of one namespace, streamed."""
-        pattern = f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
         token: str | None = None
         while True:
-            page, token = self.catalog.search_models(f"name LIKE '{pattern}'", token)
+            page, token = self.catalog.search_models(f"name LIKE '{self._name_pattern(namespace)}'", token)
             for m in page:
                 key = UserKey.from_model_name(m.name, self.prefix)
                 if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
                     yield key, m
             if not token:
                 return
+
+    def _name_pattern(self, namespace: str | None) -> str:
+        return f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
 
     def versions(self, name: str) -> Iterator[VersionRecord]:
         """Every live version record of a registered model, newest first."""
@@ -440,19 +415,21 @@ class Registry:
     def versions_of(self, keys: list[UserKey]) -> dict[UserKey, list[VersionRecord]]:
         """Every live version record of many users, newest first ([] for a user without one):
         one paged search per batch of names, not one per user."""
-        out: dict[UserKey, list[VersionRecord]] = {key: [] for key in keys}
-        for batch in self._name_batches(keys):
-            names = ", ".join(f"'{n}'" for n in batch)
-            token: str | None = None
-            while True:
-                page, token = self.catalog.search_versions(
-                    f"name IN ({names})", order_by="version_number DESC", max_results=VERSIONS_PER_PAGE,
-                    page_token=token)
-                for record in page:
-                    out[batch[record.name]].append(record)
-                if not token:
-                    break
-        return out
+        names = {key.model_name(self.prefix): key for key in keys}
+        return {names[name]: records for name, records in self.catalog.versions_named(list(names)).items()}
+
+    def scan(self, namespace: str | None = None) -> Iterator[tuple[UserKey, ModelRecord, list[VersionRecord]]]:
+        """(key, MLflow record, live versions newest first) of every user of this registry, or of one
+        namespace, streamed a page at a time from the catalog's bulk read."""
+        cursor: str | None = None
+        while True:
+            page, cursor = self.catalog.scan(self._name_pattern(namespace), cursor)
+            for model, versions in page:
+                key = UserKey.from_model_name(model.name, self.prefix)
+                if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
+                    yield key, model, versions
+            if not cursor:
+                return
 
     def _resolve_now(self, key: UserKey, name: str, selector: Hashable) -> VersionRef:
         generation = self._resolutions.generation(name)

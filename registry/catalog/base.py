@@ -3,11 +3,15 @@ onto them (both backends raise through `mlflow_error`)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prefixfleet.registry.errors import RegistryError
 
 PAGE_MAX_MODELS = 1000  # MLflow's cap on registered models per search page
+NAMES_PER_SEARCH = 100  # models named in one `name IN (…)` search
+FILTER_CHARS = 3000  # of its filter: servers refuse request lines past about 4 KiB
+VERSIONS_PER_PAGE = 10_000  # MLflow's default page of a version search (its cap is 200,000)
 
 
 class Missing(RegistryError):
@@ -67,6 +71,25 @@ class ModelRecord:
         return sorted(a for a, v in self.aliases.items() if v == version)
 
 
+def name_batches(names: Iterable[str]) -> Iterator[list[str]]:
+    """Names in batches of at most NAMES_PER_SEARCH names and FILTER_CHARS of `name IN (…)` filter
+    (a search over REST is a GET: its filter travels in the request line)."""
+    batch: list[str] = []
+    chars = 0
+    for name in names:
+        if batch and (len(batch) == NAMES_PER_SEARCH or chars + len(name) + 4 > FILTER_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(name)
+        chars += len(name) + 4
+    if batch:
+        yield batch
+
+
+def _among(names: list[str]) -> str:
+    return "name IN ({})".format(", ".join(f"'{n}'" for n in names))
+
+
 class Catalog(ABC):
     """MLflow registry operations; each call is one request (REST) or one transaction (SQL)."""
 
@@ -121,4 +144,42 @@ class Catalog(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+    # ---- bulk reads, built on the searches above; a backend with a cheaper way overrides them ----
+
+    def models_named(self, names: list[str]) -> dict[str, ModelRecord]:
+        """The models among `names` that exist, a search per batch of names."""
+        found: dict[str, ModelRecord] = {}
+        for batch in name_batches(names):
+            token: str | None = None
+            while True:
+                page, token = self.search_models(_among(batch), token)
+                found.update((m.name, m) for m in page)
+                if not token:
+                    break
+        return found
+
+    def versions_named(self, names: list[str]) -> dict[str, list[VersionRecord]]:
+        """Every live version of each named model, newest first ([] for a model without one), a
+        paged search per batch of names."""
+        found: dict[str, list[VersionRecord]] = {name: [] for name in names}
+        for batch in name_batches(names):
+            token: str | None = None
+            while True:
+                page, token = self.search_versions(_among(batch), order_by="version_number DESC",
+                                                   max_results=VERSIONS_PER_PAGE, page_token=token)
+                for record in page:
+                    found[record.name].append(record)
+                if not token:
+                    break
+        return found
+
+    def scan(self, pattern: str, cursor: str | None) -> tuple[list[tuple[ModelRecord, list[VersionRecord]]], str | None]:
+        """One page, in name order, of the models whose names match `name LIKE pattern`, each with
+        its live versions newest first, and the cursor of the next page (None after the last): the
+        whole-registry read of fsck. Here a page of the model search, then its versions by batches
+        of names (about 2 ms a model through MLflow's ORM)."""
+        models, token = self.search_models(f"name LIKE '{pattern}'", cursor)
+        versions = self.versions_named([m.name for m in models])
+        return [(m, versions[m.name]) for m in models], token
 

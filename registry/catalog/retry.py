@@ -92,5 +92,8 @@ class RetryingCatalog(Catalog):
     def delete_alias(self, name: str, alias: str) -> None:
         self._delete("delete_alias", lambda: self.inner.delete_alias(name, alias))
 
+    def scan(self, pattern: str, cursor: str | None) -> tuple[list[tuple[ModelRecord, list[VersionRecord]]], str | None]:
+        return self._run("scan", lambda: self.inner.scan(pattern, cursor))  # a page is a read: retried whole
+
     def close(self) -> None:
         self.inner.close()

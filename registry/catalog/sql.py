@@ -8,12 +8,21 @@ upserts surface as `Transient`.
 from __future__ import annotations
 
 import sqlite3
+from collections import defaultdict
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag, RegisteredModel, RegisteredModelTag
+from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
 from mlflow.exceptions import MlflowException
+from mlflow.store.model_registry.dbmodels.models import (
+    SqlModelVersion,
+    SqlModelVersionTag,
+    SqlRegisteredModel,
+    SqlRegisteredModelAlias,
+    SqlRegisteredModelTag,
+)
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from prefixfleet.registry.catalog.base import (
     PAGE_MAX_MODELS,
@@ -26,6 +35,7 @@ from prefixfleet.registry.catalog.base import (
 )
 
 _SQLITE = "sqlite:///"
+SCAN_PAGE = 5000  # models per page of `SqlCatalog.scan`
 
 
 def _enable_wal(db_uri: str) -> None:
@@ -128,6 +138,48 @@ class SqlCatalog(Catalog):
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._do("delete_registered_model_alias", name, alias)
+
+    def scan(self, pattern: str, cursor: str | None) -> tuple[list[tuple[ModelRecord, list[VersionRecord]]], str | None]:
+        """The bulk read of fsck straight from MLflow's tables, through MLflow's own table models,
+        read-only, in one transaction: a page of names after `cursor` (keyset, so a page deep in the
+        registry costs what the first does), then the tags, aliases, live versions and version tags
+        of that name range, five indexed range reads, no ORM objects (about 50 µs a model)."""
+        store = self.store
+        M, V = SqlRegisteredModel, SqlModelVersion
+
+        def where(table: type) -> list:
+            return [*store._get_workspace_clauses(table), table.name >= names[0], table.name <= names[-1]]
+
+        with store.engine.connect() as conn:
+            page = select(M.name).where(*store._get_workspace_clauses(M), M.name.like(pattern))
+            if cursor is not None:
+                page = page.where(M.name > cursor)
+            names = conn.execute(page.order_by(M.name).limit(SCAN_PAGE)).scalars().all()
+            if not names:
+                return [], None
+            T, A, VT = SqlRegisteredModelTag, SqlRegisteredModelAlias, SqlModelVersionTag
+            tags: dict[str, dict[str, str]] = defaultdict(dict)
+            for name, key, value in conn.execute(select(T.name, T.key, T.value).where(*where(T))):
+                tags[name][key] = value or ""
+            aliases: dict[str, dict[str, int]] = defaultdict(dict)
+            for name, alias, version in conn.execute(select(A.name, A.alias, A.version).where(*where(A))):
+                aliases[name][alias] = int(version)
+            version_tags: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
+            for name, version, key, value in conn.execute(select(VT.name, VT.version, VT.key, VT.value).where(*where(VT))):
+                version_tags[name, version][key] = value or ""
+            versions: dict[str, list[VersionRecord]] = defaultdict(list)
+            live = select(V.name, V.version, V.source, V.creation_time).where(
+                *where(V), V.current_stage != STAGE_DELETED_INTERNAL).order_by(V.name, V.version.desc())
+            for name, version, source, created in conn.execute(live):
+                versions[name].append(VersionRecord(name, int(version), source or "", version_tags[name, version], (),
+                                                    int(created or 0)))
+        out = []
+        for name in names:
+            mine = versions[name]
+            newest = mine[0] if mine else None
+            out.append((ModelRecord(name, tags[name], aliases[name], newest.version if newest else 0,
+                                    dict(newest.tags) if newest else {}), mine))
+        return out, names[-1] if len(names) == SCAN_PAGE else None
 
     def close(self) -> None:
         self.store.engine.dispose()

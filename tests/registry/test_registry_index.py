@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from prefixfleet.registry import Registry, UserKey
-from prefixfleet.registry import registry as registry_module
+from prefixfleet.registry.catalog import base as catalog_base
 from prefixfleet.registry.header import read_header
 from prefixfleet.registry.index import INDEX
 from tests.fixtures.artifacts import make_artifact
@@ -18,7 +18,7 @@ def _publish(registry: Registry, key: UserKey, data: str, **kwargs: object):
 
 def test_bulk_read_lists_each_users_versions_production_and_unknown_users(
         registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_module, "NAMES_PER_SEARCH", 2)  # several batches from 5 users
+    monkeypatch.setattr(catalog_base, "NAMES_PER_SEARCH", 2)  # several batches from 5 users
     keys = [UserKey("idx", f"u{i}") for i in range(4)]
     for i, key in enumerate(keys[:3]):
         first = _publish(registry, key, "d1", run_id=f"run-{i}")
@@ -44,9 +44,10 @@ def test_long_user_ids_are_read_in_batches_a_server_accepts(registry: Registry) 
     keys = [UserKey("idx", f"{'long-' * 38}{i:02d}") for i in range(24)]  # 24 × ~210 characters of filter
     for key in keys:
         _publish(registry, key, "d1")
-    batches = list(registry._name_batches(keys))
-    assert len(batches) > 1 and [k for b in batches for k in b.values()] == keys
-    assert all(len(", ".join(f"'{n}'" for n in b)) <= registry_module.FILTER_CHARS for b in batches)
+    names = [key.model_name(registry.prefix) for key in keys]
+    batches = list(catalog_base.name_batches(names))
+    assert len(batches) > 1 and [n for b in batches for n in b] == names
+    assert all(len(", ".join(f"'{n}'" for n in b)) <= catalog_base.FILTER_CHARS for b in batches)
     found = registry.published(keys)
     assert all(found[k] is not None and [v.version for v in found[k].versions] == [1] for k in keys)
 
