@@ -272,5 +272,16 @@ def text_activations(family: Family, model: nn.Module, token_ids: torch.Tensor) 
         cache = result.cache.self_attention_cache
     else:
         cache = model(input_ids=ids, use_cache=True).cache
-    out["decoder"] = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    out["decoder"] = _stacked(cache)
     return out
+
+
+def prompt_activations(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    """Per-layer keys/values a decoder-only model computes for a soft prompt ([P, hidden] input
+    embeddings at positions 0..P-1): `[L, 2, H, P, D]`, the deep prefix that puts the very same P
+    positions before any input (the model is causal: nothing after them changes them)."""
+    return _stacked(model(inputs_embeds=prompt.unsqueeze(0), use_cache=True).cache)
+
+
+def _stacked(cache: DynamicCache) -> torch.Tensor:
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from prefixfleet.workers.architectures import text_activations
+from prefixfleet.workers.architectures import prompt_activations, text_activations
 from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.spec import PrefixSpec
@@ -113,6 +113,17 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, Seque
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != tuple(shape):
             raise WorkerError(f"prefix tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+
+
+@torch.no_grad()
+def served_form(backbone: Backbone, tensors: PrefixTensors) -> PrefixTensors:
+    """What serving keeps of a prefix: on a decoder-only backbone a soft prompt becomes the
+    keys/values the model computes for it, once, instead of at every prefill; the model reads the
+    same P earlier positions either way. Deep prefixes, and a soft prompt that goes into an
+    encoder, stay as they are."""
+    if "prompt" not in tensors or backbone.family.encoder_decoder:
+        return tensors
+    return {"decoder": prompt_activations(backbone.model, tensors["prompt"].to(backbone.device, backbone.model.dtype))}
 
 
 def stack_rows(per_user: Sequence[PrefixTensors], row_users: Sequence[int]) -> PrefixTensors:

@@ -1,4 +1,5 @@
-"""Prefixes for serving, in tiers: device memory (decoded tensors, LRU bounded in bytes) → host
+"""Prefixes for serving, in tiers: device memory (decoded tensors in `served_form`: a soft prompt
+as its keys/values, computed once; LRU bounded in bytes) → host
 memory (verified artifact bytes, LRU bounded in bytes) → the registry (resolve + fetch).
 
 Every request resolves the user's alias through `Registry.resolve`, whose own short-lived cache
@@ -22,7 +23,7 @@ from prefixfleet.registry import Registry, UserKey, VersionRef
 from prefixfleet.workers.artifact import deserialize
 from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.errors import BackboneMismatch
-from prefixfleet.workers.prefix import PrefixTensors, check_shapes, expected_shapes
+from prefixfleet.workers.prefix import PrefixTensors, check_shapes, expected_shapes, served_form
 
 ContentKey = tuple[str, str, str]  # namespace, user_id, sha256
 
@@ -120,7 +121,7 @@ class PrefixCache:
         tensors, meta = deserialize(data, backbone_fingerprint=self.fingerprint)
         check_shapes(tensors, expected_shapes(self.backbone, meta.spec))
         model = self.backbone.model
-        return {name: t.to(self.backbone.device, model.dtype) for name, t in tensors.items()}
+        return served_form(self.backbone, {name: t.to(self.backbone.device, model.dtype) for name, t in tensors.items()})
 
     def usage(self) -> dict[str, int]:
         """Bytes held per tier and how often each tier answered."""

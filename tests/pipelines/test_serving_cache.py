@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from prefixfleet.pipelines.serving.cache import PrefixCache, tensors_nbytes
+from prefixfleet.pipelines.serving.engine import Engine, RowSettings
 from prefixfleet.registry import NotFound, Registry, UserKey
+from prefixfleet.workers.decoding import prompt_ids
 from prefixfleet.workers.errors import BackboneMismatch
-from tests.pipelines.serving_support import publish_user, random_prefix
+from prefixfleet.workers.prefix import expected_shapes
+from prefixfleet.workers.spec import PrefixSpec
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user, random_prefix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,3 +93,18 @@ def test_tensors_live_on_the_backbone_device_and_dtype(local_registry, backbone)
     served = PrefixCache(local_registry, backbone).get(UserKey("default", "fay"))
     assert served.layout == (("decoder", tuple(random_prefix(backbone, 0)["decoder"].shape)),)
     assert all(t.device == backbone.device and t.dtype == backbone.model.dtype for t in served.tensors.values())
+
+
+def test_a_soft_prompt_is_held_as_its_keys_and_values_and_served_as_alone(local_registry, backbone):
+    spec = PrefixSpec(method="prompt", num_virtual_tokens=4)
+    _, prompt = publish_user(local_registry, backbone, "gus", seed=3, spec=spec)
+    cache = PrefixCache(local_registry, backbone)
+    served = cache.get(UserKey("default", "gus"))
+    assert served.layout == (("decoder", tuple(expected_shapes(backbone, PrefixSpec("ptuning-v2", 4))["decoder"])),)
+    assert cache.get(UserKey("default", "gus")).tensors is served.tensors  # computed once, then a device hit
+    engine = Engine(backbone)
+    try:
+        row = engine.submit(served.tensors, prompt_ids(backbone, PROMPTS[0]), RowSettings(NEW_TOKENS))
+        assert row.future.result(timeout=60).text == alone(backbone, prompt, PROMPTS[0])
+    finally:
+        engine.close()

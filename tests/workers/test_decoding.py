@@ -12,7 +12,7 @@ from prefixfleet.workers import decoding
 from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.errors import WorkerError
 from prefixfleet.workers.generate import generate_ids
-from prefixfleet.workers.prefix import PrefixTensors, expected_shapes
+from prefixfleet.workers.prefix import PrefixTensors, expected_shapes, served_form
 from prefixfleet.workers.sampling import Sampling, next_tokens, row_generator
 from prefixfleet.workers.spec import PrefixSpec
 from prefixfleet.workers.tiny import SPECIAL_TOKENS
@@ -102,11 +102,14 @@ def test_rows_joining_and_leaving_equal_each_user_alone(endless, family):
     backbone = endless[family]
     rows = [(_prefix(backbone, method, length, seed), prompt, at, new)
             for seed, (method, length, prompt, at, new) in enumerate(ROWS)]
+    alone = [_alone(backbone, prefix, prompt, new) for prefix, prompt, _, new in rows]
+    # As a server holds them: a decoder-only model's soft prompts as the keys/values they make.
+    rows = [(prefix and served_form(backbone, prefix), *rest) for prefix, *rest in rows]
 
     mixed, widest = _run(backbone, rows)
 
     assert widest >= 4  # rows of every method and three prefix lengths shared steps
-    assert mixed == [_alone(backbone, prefix, prompt, new) for prefix, prompt, _, new in rows]
+    assert mixed == alone
     # Each row reads its own prefix: passing the prefixes of each method on to the next row of
     # that method changes tokens.
     swapped = list(rows)
@@ -115,6 +118,22 @@ def test_rows_joining_and_leaving_equal_each_user_alone(endless, family):
         for i, j in zip(same, same[1:] + same[:1], strict=True):
             swapped[j] = (rows[i][0], *rows[j][1:])
     assert _run(backbone, swapped)[0] != mixed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_soft_prompt_is_served_as_the_keys_and_values_it_makes(endless, family):
+    backbone = endless[family]
+    deep, prompt = (_prefix(backbone, method, 3, 0) for method in ("ptuning-v2", "prompt"))
+    assert served_form(backbone, deep) is deep
+    served = served_form(backbone, prompt)
+    if backbone.family.encoder_decoder:  # it goes into the encoder, which reads it with the input
+        assert served is prompt
+        return
+    deep_shapes = expected_shapes(backbone, PrefixSpec("ptuning-v2", 3))
+    assert {k: v.shape for k, v in served.items()} == {"decoder": deep_shapes["decoder"]}
+    ids = decoding.prompt_ids(backbone, PROMPTS[0])
+    raw = decoding.prefill(backbone, [prompt], [ids])[1]
+    torch.testing.assert_close(decoding.prefill(backbone, [served], [ids])[1], raw, rtol=1e-4, atol=1e-4)
 
 
 def test_a_prefill_of_several_rows_closes_up_each_row_s_cache(endless):
