@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefixfleet.pipelines.serving.detokenizer import IncrementalText
 from prefixfleet.pipelines.serving.fair_queue import FairQueue
 from prefixfleet.workers import decoding
 from prefixfleet.workers.backbone import Backbone
@@ -108,6 +109,7 @@ class Row:
     on_text: Callable[[str], None] | None = None
     future: Future[Finished] = field(default_factory=Future)
     tokens: list[int] = field(default_factory=list)
+    reader: IncrementalText | None = None  # the text so far, for rows that stream or watch for stop strings
     sent: int = 0
     widest: tuple[int, int] = (0, 0)
     generator: torch.Generator | None = None
@@ -285,15 +287,21 @@ class Engine:
         row.tokens.append(token)
         if row.first_token is None:
             row.first_token = time.monotonic()
-        if token in self._eos:
-            return self._finish(row, "stop", self._text(row.tokens[:-1]))
-        watch = row.settings.stop or row.on_text is not None
-        text = self._text(row.tokens) if watch else ""
+        eos = token in self._eos
+        last = eos or len(row.tokens) >= row.settings.max_new_tokens
+        if last:  # the whole decode: the reader may hold back an unfinished character
+            text = self._text(row.tokens[:-1] if eos else row.tokens)
+        elif row.settings.stop or row.on_text is not None:
+            if row.reader is None:
+                row.reader = IncrementalText(self._text)
+            text = row.reader.add(token)
+        else:
+            return False
         for stop in row.settings.stop:
             if (at := text.find(stop)) >= 0:
                 return self._finish(row, "stop", text[:at])
-        if len(row.tokens) >= row.settings.max_new_tokens:
-            return self._finish(row, "length", text if watch else self._text(row.tokens))
+        if last:
+            return self._finish(row, "stop" if eos else "length", text)
         if row.on_text is not None:
             # Hold back what could still become a stop string, and an unfinished character.
             hold = max((len(s) - 1 for s in row.settings.stop), default=0)
