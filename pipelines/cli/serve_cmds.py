@@ -53,7 +53,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     use_ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of in-process.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (else RAY_ADDRESS, else local).")] = None,
-    replicas: Annotated[int, typer.Option(help="Ray Serve replicas, each with its own backbone.")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas, each with its own backbone.")] = 1,
     replica_gpus: Annotated[float | None, typer.Option(
         min=0, help="GPUs per Ray Serve replica, fractions allowed (default: 1 with a cuda device, else 0).")] = None,
     device: Annotated[str | None, typer.Option(help="torch device for the backbone (cpu, cuda, …).")] = None,
@@ -110,11 +110,17 @@ def _serve_on_ray(name: str, registry: Registry, config: ServeConfig, keys: ApiK
                   address: str | None, replicas: int, device: str | None, gpus: float) -> None:
     with needs("serve"):
         from prefixfleet.pipelines.cluster import actor_env, connect_ray
+        from prefixfleet.pipelines.placement import check_replicas, node_resources
         from prefixfleet.pipelines.serving import ray_app
+        from prefixfleet.pipelines.training.errors import JobError
 
     where = registry.address
     registry.close()
     local = connect_ray(address)
+    try:  # a replica no node can hold would wait for resources forever
+        check_replicas(node_resources(), replicas, ray_app.REPLICA_CPUS, gpus)
+    except JobError as exc:
+        fail(str(exc))
     application = ray_app.build(name, where, config, keys=keys, replicas=replicas, num_gpus=gpus, device=device,
                                 env=actor_env(local))
     typer.echo(f"deploying {name} on Ray Serve at http://{host}:{port}", err=True)

@@ -15,6 +15,7 @@ from prefixfleet.registry import RegistryAddress
 from prefixfleet.workers.backbone import load_backbone
 
 APP_NAME = "prefixfleet"
+REPLICA_CPUS = 1.0
 
 
 @serve.ingress()
@@ -29,8 +30,8 @@ class PrefixFleetReplica:
 
 
 def build(backbone: str, registry: RegistryAddress, config: ServeConfig | None = None, *,
-          keys: ApiKeys | None = None, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, device: str | None = None,
-          env: dict[str, str] | None = None) -> Application:
+          keys: ApiKeys | None = None, replicas: int = 1, num_cpus: float = REPLICA_CPUS, num_gpus: float = 0,
+          device: str | None = None, env: dict[str, str] | None = None) -> Application:
     """The application to `serve.run`; each replica may take up to 4 × max_rows requests, so that its
     engine has rows waiting whenever a slot frees."""
     config = config or ServeConfig()

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from prefixfleet.pipelines.cluster import actor_env, connect_ray
+from prefixfleet.pipelines.placement import node_resources, plan_actors
 from prefixfleet.pipelines.training.data import BadRow, DataError
 from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.pipelines.training.fleet import Fleet, chunks
 from prefixfleet.pipelines.training.ingest import Ingested, ingest
 from prefixfleet.pipelines.training.outcome import Outcome
-from prefixfleet.pipelines.training.placement import node_resources, plan_actors
 from prefixfleet.pipelines.training.plan import JobContext
 from prefixfleet.pipelines.training.progress import JobProgress
 from prefixfleet.pipelines.training.published import config_params

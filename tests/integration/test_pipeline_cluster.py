@@ -2,7 +2,8 @@
 node in its own network namespace), with the registry on the real servers the nodes reach: an
 `mlflow server` on PostgreSQL and moto's S3. The job is started both ways users start it —
 `prefixfleet train --address` and `ray job submit` — and survives losing the second node mid-job
-with every user published exactly once."""
+with every user published exactly once. `prefixfleet serve --ray` puts two half-GPU replicas on
+the node that declares one GPU, and refuses a third before deploying."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -26,11 +28,14 @@ from tests.fixtures import servers
 from tests.fixtures.backbones import TinyBackbones
 from tests.fixtures.cluster import RayCluster
 from tests.fixtures.postgres import PostgresServer
+from tests.fixtures.servers import free_port
 from tests.pipelines.pipeline_support import BACKBONE, synthetic, write_jsonl
+from tests.pipelines.serving_support import PROMPTS, each_alone, publish_user
 
 pytestmark = [pytest.mark.ray, pytest.mark.servers, pytest.mark.cluster]
 JOB_TIMEOUT_S = 300
 TRAINER_CLASS = "UserTrainer"
+REPLICA_CLASS = "ServeReplica:prefixfleet:prefixfleet"
 
 
 @dataclass
@@ -61,7 +66,7 @@ def rig(postgres: PostgresServer) -> Iterator[Rig]:
     root = Path(tempfile.mkdtemp(prefix="prefixfleet-cluster-"))
     started: list[servers.ServerProcess | RayCluster] = []
     try:
-        cluster = RayCluster.start()
+        cluster = RayCluster.start(node_gpus=1)
         started.append(cluster)
         host = cluster.network.head_ip
         mlflow = servers.launch_mlflow_server(root / "mlflow", owns_workdir=True, backend_uri=postgres.database(),
@@ -173,3 +178,54 @@ def test_train_with_address_survives_losing_the_second_node_mid_job(
     assert summary["users"]["trained"] == users and summary["users"]["failed"] == 0
     _check_once_each(registry, keys, summary["job_id"])
     registry.close()
+
+
+def _serve_shutdown(rig: Rig) -> None:
+    """Take the Serve application off the cluster (its replicas hold the second node's CPUs)."""
+    subprocess.run([sys.executable, "-c", "import ray; from ray import serve; "
+                    f"ray.init(address={rig.cluster.address!r}); serve.shutdown()"],
+                   env=rig.driver_env("none"), capture_output=True, timeout=120)
+
+
+def test_serve_on_the_cluster_shares_the_declared_gpu_between_half_gpu_replicas(
+        rig: Rig, tiny_backbones: TinyBackbones, tmp_path: Path, aws_test_env: dict[str, str]) -> None:
+    prefix, port, host = servers.unique_prefix(), free_port(), rig.cluster.network.head_ip
+    backbone = tiny_backbones.load()  # one whose users' prefixes answer a prompt differently
+    registry = rig.registry(prefix)
+    users = {f"s{i}": publish_user(registry, backbone, f"s{i}", seed=i)[1] for i in range(3)}
+    serve = [sys.executable, "-m", "prefixfleet.pipelines.cli", "serve", "--ray", "--address", rig.cluster.address,
+             "--backbone", backbone.name_or_path, "--host", host, "--port", str(port), "--replica-gpus", "0.5",
+             "--home", str(tmp_path / "home")]
+    refused = subprocess.run([*serve, "--replicas", "3"], env=rig.driver_env(prefix), capture_output=True, text=True,
+                             timeout=JOB_TIMEOUT_S)
+    assert refused.returncode != 0
+    assert "--replicas 3: the Ray cluster's nodes hold 2 replicas of 1 CPU + 0.5 GPU each" in refused.stderr
+    err = (tmp_path / "serve.err").open("w")
+    server = subprocess.Popen([*serve, "--replicas", "2"], env=rig.driver_env(prefix), stdout=err, stderr=err,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:
+            assert server.poll() is None, Path(err.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "Serve did not answer in time"
+            try:
+                if httpx.get(f"http://{host}:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        jobs = [(user, PROMPTS[i]) for i, user in enumerate(users)]
+        texts = [httpx.post(f"http://{host}:{port}/v1/generate", timeout=120,
+                            json={"user_id": user, "prompt": prompt, "max_new_tokens": 8}).json()["text"]
+                 for user, prompt in jobs]
+        assert texts == each_alone(backbone, users, jobs)
+        replicas = [a for a in rig.cluster.actors(REPLICA_CLASS) if a["state"] == "ALIVE"]
+        gpu_node = next(n["node_id"] for n in rig.cluster.nodes() if n["resources_total"].get("GPU"))
+        assert len(replicas) == 2 and {a["node_id"] for a in replicas} == {gpu_node}
+        assert all(a["required_resources"].get("GPU") == 0.5 for a in replicas), replicas
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(30)
+        err.close()
+        _serve_shutdown(rig)
+        registry.close()

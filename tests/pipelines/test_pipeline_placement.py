@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from prefixfleet.pipelines.placement import check_replicas, holds, plan_actors
 from prefixfleet.pipelines.training.errors import JobError
 from prefixfleet.pipelines.training.job import JobRequest, run_job
-from prefixfleet.pipelines.training.placement import holds, plan_actors
 from prefixfleet.registry import Registry
 from tests.fixtures.backbones import TinyBackbones
 from tests.pipelines.pipeline_support import BACKBONE, synthetic, write_jsonl
@@ -53,6 +53,14 @@ def test_more_actors_than_the_nodes_hold_are_refused() -> None:
     for bad in ({"wanted": 0}, {"cpus": -1.0}):
         with pytest.raises(JobError, match="--actor"):
             plan_actors([HEAD], users=10, **{"cpus": 1.0, "gpus": 0.0, **bad})
+
+
+def test_serve_replicas_share_a_gpu_by_fractions_and_a_missing_gpu_is_named() -> None:
+    check_replicas([HEAD, GPU_NODE], replicas=4, cpus=1.0, gpus=0.5)  # two cards, two replicas on each
+    with pytest.raises(JobError, match=r"--replicas 5: the Ray cluster's nodes hold 4 replicas of 1 CPU \+ 0.5 GPU"):
+        check_replicas([HEAD, GPU_NODE], replicas=5, cpus=1.0, gpus=0.5)
+    with pytest.raises(JobError, match=r"--replica-gpus 0.25 asks for a GPU per replica, and the Ray cluster has none"):
+        check_replicas([HEAD], replicas=1, cpus=1.0, gpus=0.25)
 
 
 @pytest.mark.ray

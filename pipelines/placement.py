@@ -1,10 +1,11 @@
-"""How many trainer actors the Ray cluster's nodes hold, decided before any is started.
+"""How many trainer actors (or Serve replicas) the Ray cluster's nodes hold, decided before any
+is started.
 
 An actor is placed on one node, so what counts is what each node has, not the cluster's sum: two
-nodes with 1.5 CPUs each hold two 1-CPU actors, not three. An actor that no node can hold would
-wait for resources forever; the job refuses it at once instead, naming what it asked for and
-what the nodes have. The count is taken from the nodes up when the job starts (an autoscaler's
-future nodes are not counted).
+nodes with 1.5 CPUs each hold two 1-CPU actors, not three; one GPU holds two replicas of 0.5 GPU.
+An actor that no node can hold would wait for resources forever; the job (or `serve --ray`)
+refuses it at once instead, naming what it asked for and what the nodes have. The count is taken
+from the nodes up when it starts (an autoscaler's future nodes are not counted).
 """
 from __future__ import annotations
 
@@ -60,6 +61,20 @@ def plan_actors(nodes: Iterable[Mapping[str, float]], users: int, cpus: float, g
                            f"{_asked(cpus, gpus)} each ({_describe(nodes)}); ask for fewer or add nodes")
         return wanted
     return int(max(1, min(held, users)))
+
+
+def check_replicas(nodes: Iterable[Mapping[str, float]], replicas: int, cpus: float, gpus: float) -> None:
+    """Raise JobError unless the nodes hold `replicas` Serve replicas of `cpus` CPUs and `gpus`
+    GPUs each (a fraction of a GPU shares one card)."""
+    nodes = list(nodes)
+    held = sum(holds(n, cpus, gpus) for n in nodes)
+    if held >= replicas:
+        return
+    if gpus and not any(n.get("GPU", 0.0) for n in nodes):
+        raise JobError(f"--replica-gpus {gpus:g} asks for a GPU per replica, and the Ray cluster has none "
+                       f"({_describe(nodes)}); drop --replica-gpus or add GPU nodes")
+    raise JobError(f"--replicas {replicas}: the Ray cluster's nodes hold {held} replica{'s' if held != 1 else ''} of "
+                   f"{_asked(cpus, gpus)} each ({_describe(nodes)}); ask for fewer, or less per replica")
 
 
 def node_resources() -> list[dict[str, float]]:
