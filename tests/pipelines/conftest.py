@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from prefixfleet.workers.backbone import Backbone
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
@@ -15,3 +17,9 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbones) -> Backbone:
+    """The default tiny backbone, loaded once per module (a module may define its own)."""
+    return tiny_backbones.load()

@@ -36,6 +36,13 @@ def publish_user(registry: Registry, backbone: Backbone, user: str, *, seed: int
     return registry.promote(key, ref.version), tensors
 
 
+def publish_all(registry: Registry, backbone: Backbone, users: list[tuple[str, str]]) -> dict[str, PrefixTensors]:
+    """Publish a random prefix for each (namespace, user), seeded by its place in `users`: the
+    production tensors under "namespace/user"."""
+    return {f"{ns}/{user}": publish_user(registry, backbone, user, seed=i, namespace=ns)[1]
+            for i, (ns, user) in enumerate(users)}
+
+
 def alone(backbone: Backbone, tensors: PrefixTensors, prompt: str, max_new_tokens: int = NEW_TOKENS) -> str:
     return generate(backbone, [tensors], [prompt], max_new_tokens=max_new_tokens)[0]
 

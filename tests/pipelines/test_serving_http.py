@@ -11,18 +11,12 @@ import pytest
 
 from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
 from prefixfleet.registry import Registry
-from prefixfleet.workers.backbone import Backbone
 from tests.fixtures.servers import make_local_registry
 from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 USERS = [f"user-{i:02d}" for i in range(10)]
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_backbones) -> Backbone:
-    return tiny_backbones.load()
 
 
 @pytest.fixture(scope="module")

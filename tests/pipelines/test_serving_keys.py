@@ -17,9 +17,8 @@ from prefixfleet.pipelines.cli.app import app
 from prefixfleet.pipelines.serving import InProcessServer, PrefixService, create_app
 from prefixfleet.pipelines.serving.keys import ApiKeys, KeysFileError
 from prefixfleet.registry import Registry
-from prefixfleet.workers.backbone import Backbone
 from tests.fixtures.servers import make_local_registry
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_all
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,11 +42,6 @@ def keys_file(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def backbone(tiny_backbones) -> Backbone:
-    return tiny_backbones.load()
-
-
-@pytest.fixture(scope="module")
 def registry(tmp_path_factory, mlflow_db_template) -> Iterator[Registry]:
     with make_local_registry(tmp_path_factory.mktemp("home"), mlflow_db_template) as reg:
         yield reg
@@ -55,8 +49,7 @@ def registry(tmp_path_factory, mlflow_db_template) -> Iterator[Registry]:
 
 @pytest.fixture(scope="module")
 def published(registry, backbone) -> dict[str, dict]:
-    return {f"{ns}/{user}": publish_user(registry, backbone, user, seed=i, namespace=ns)[1]
-            for i, (ns, user) in enumerate(USERS)}
+    return publish_all(registry, backbone, USERS)
 
 
 @pytest.fixture(scope="module")

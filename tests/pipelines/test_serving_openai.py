@@ -13,21 +13,15 @@ import pytest
 
 from prefixfleet.pipelines.serving import InProcessServer, PrefixService, ServeConfig, create_app
 from prefixfleet.registry import Registry
-from prefixfleet.workers.backbone import Backbone
 from prefixfleet.workers.decoding import prompt_ids
 from tests.fixtures.servers import make_local_registry
-from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_user
+from tests.pipelines.serving_support import NEW_TOKENS, PROMPTS, alone, publish_all
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 USERS = [("default", "ana"), ("default", "bo"), ("acme", "team/cy"), ("acme", "dee")]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_backbones) -> Backbone:
-    return tiny_backbones.load()
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +33,7 @@ def registry(tmp_path_factory, mlflow_db_template) -> Iterator[Registry]:
 @pytest.fixture(scope="module")
 def published(registry, backbone) -> dict[str, dict]:
     """Each model id's production prefix tensors."""
-    return {f"{ns}/{user}": publish_user(registry, backbone, user, seed=i, namespace=ns)[1]
-            for i, (ns, user) in enumerate(USERS)}
+    return publish_all(registry, backbone, USERS)
 
 
 @pytest.fixture(scope="module")
