@@ -412,12 +412,6 @@ class Registry:
             if not token:
                 return
 
-    def versions_of(self, keys: list[UserKey]) -> dict[UserKey, list[VersionRecord]]:
-        """Every live version record of many users, newest first ([] for a user without one):
-        one paged search per batch of names, not one per user."""
-        names = {key.model_name(self.prefix): key for key in keys}
-        return {names[name]: records for name, records in self.catalog.versions_named(list(names)).items()}
-
     def scan(self, namespace: str | None = None) -> Iterator[tuple[UserKey, ModelRecord, list[VersionRecord]]]:
         """(key, MLflow record, live versions newest first) of every user of this registry, or of one
         namespace, streamed a page at a time from the catalog's bulk read."""
