@@ -16,7 +16,7 @@ from typing import Any
 
 from prefixfleet.registry import refs
 from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord
-from prefixfleet.registry.catalog.base import VERSIONS_PER_PAGE
+from prefixfleet.registry.catalog.base import VERSIONS_PER_PAGE, models_named, versions_named
 from prefixfleet.registry.erasure import ERASURE_KEY
 from prefixfleet.registry.errors import IntegrityError
 from prefixfleet.registry.header import read_header
@@ -194,7 +194,7 @@ def _targets(reg: Registry, names: list[str]) -> Iterator[tuple[UserKey, ModelRe
     """(user, model, live versions newest first) of each named model, read a page of users at a time."""
     iterator = iter(names)
     while page := list(islice(iterator, PAGE_USERS)):
-        models, versions = reg.catalog.models_named(page), reg.catalog.versions_named(page)
+        models, versions = models_named(reg.catalog, page), versions_named(reg.catalog, page)
         for name in page:
             user = UserKey.from_model_name(name, reg.prefix)
             if user is not None and name in models:

@@ -15,6 +15,7 @@ from pathlib import Path
 from prefixfleet.registry import refs
 from prefixfleet.registry.cache import ContentCache, ResolutionCache
 from prefixfleet.registry.catalog import Missing, ModelRecord, VersionRecord, open_catalog
+from prefixfleet.registry.catalog.base import models_named
 from prefixfleet.registry.erasure import ERASURE_DIR, ErasureSnapshot, Forgotten, Tombstones
 from prefixfleet.registry.errors import IntegrityError, NotFound, RegistryError
 from prefixfleet.registry.header import identity, read_header
@@ -242,7 +243,7 @@ class Registry:
         """What is published for many users, from one search of registered models per batch of
         names: None for a user whose index is missing or stale (ask `find` and `resolve` for that one)."""
         names = {key.model_name(self.prefix): key for key in keys}
-        models = self.catalog.models_named(list(names))
+        models = models_named(self.catalog, list(names))
         return {key: read_index(key, models.get(name)) for name, key in names.items()}
 
     def _exact_ref(self, key: UserKey, name: str, version: int) -> VersionRef:

@@ -145,41 +145,41 @@ class Catalog(ABC):
     def close(self) -> None:
         """Release connections."""
 
-    # ---- bulk reads, built on the searches above; a backend with a cheaper way overrides them ----
-
-    def models_named(self, names: list[str]) -> dict[str, ModelRecord]:
-        """The models among `names` that exist, a search per batch of names."""
-        found: dict[str, ModelRecord] = {}
-        for batch in name_batches(names):
-            token: str | None = None
-            while True:
-                page, token = self.search_models(_among(batch), token)
-                found.update((m.name, m) for m in page)
-                if not token:
-                    break
-        return found
-
-    def versions_named(self, names: list[str]) -> dict[str, list[VersionRecord]]:
-        """Every live version of each named model, newest first ([] for a model without one), a
-        paged search per batch of names."""
-        found: dict[str, list[VersionRecord]] = {name: [] for name in names}
-        for batch in name_batches(names):
-            token: str | None = None
-            while True:
-                page, token = self.search_versions(_among(batch), order_by="version_number DESC",
-                                                   max_results=VERSIONS_PER_PAGE, page_token=token)
-                for record in page:
-                    found[record.name].append(record)
-                if not token:
-                    break
-        return found
-
     def scan(self, pattern: str, cursor: str | None) -> tuple[list[tuple[ModelRecord, list[VersionRecord]]], str | None]:
         """One page, in name order, of the models whose names match `name LIKE pattern`, each with
         its live versions newest first, and the cursor of the next page (None after the last): the
         whole-registry read of fsck. Here a page of the model search, then its versions by batches
         of names (about 2 ms a model through MLflow's ORM)."""
         models, token = self.search_models(f"name LIKE '{pattern}'", cursor)
-        versions = self.versions_named([m.name for m in models])
+        versions = versions_named(self, [m.name for m in models])
         return [(m, versions[m.name]) for m in models], token
 
+
+
+def models_named(catalog: Catalog, names: list[str]) -> dict[str, ModelRecord]:
+    """The models among `names` that exist, a search per batch of names."""
+    found: dict[str, ModelRecord] = {}
+    for batch in name_batches(names):
+        token: str | None = None
+        while True:
+            page, token = catalog.search_models(_among(batch), token)
+            found.update((m.name, m) for m in page)
+            if not token:
+                break
+    return found
+
+
+def versions_named(catalog: Catalog, names: list[str]) -> dict[str, list[VersionRecord]]:
+    """Every live version of each named model, newest first ([] for a model without one), a paged
+    search per batch of names."""
+    found: dict[str, list[VersionRecord]] = {name: [] for name in names}
+    for batch in name_batches(names):
+        token: str | None = None
+        while True:
+            page, token = catalog.search_versions(_among(batch), order_by="version_number DESC",
+                                                  max_results=VERSIONS_PER_PAGE, page_token=token)
+            for record in page:
+                found[record.name].append(record)
+            if not token:
+                break
+    return found

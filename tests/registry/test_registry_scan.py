@@ -9,6 +9,7 @@ from prefixfleet.registry import Registry, UserKey, gc
 from prefixfleet.registry.catalog import Catalog
 from prefixfleet.registry.catalog import sql as sql_catalog
 from tests.fixtures.artifacts import make_artifact
+from tests.fixtures.counting import CountingCatalog
 
 
 def _publish(registry: Registry, key: UserKey, data: str, **kwargs: object):
@@ -70,15 +71,12 @@ def test_gc_reads_only_users_past_keep_last(registry: Registry) -> None:
         _publish(registry, key, f"d{data}")
     _publish(registry, other, "d0")
     registry.promote(key, 1)
-    calls: list[list[str]] = []
-    versions_named = registry.catalog.versions_named
+    counting = CountingCatalog(registry.catalog)
+    registry.catalog = counting
 
-    def spy(names: list[str]):  # noqa: ANN202
-        calls.append(names)
-        return versions_named(names)
-
-    registry.catalog.versions_named = spy  # type: ignore[method-assign]
     removed = gc(registry, keep_last=2)
+
     assert sorted(r.version for r in removed) == [2]  # version 1 is production
-    assert calls == [[key.model_name(registry.prefix)]]
+    # one search for versions past keep_last, then the model and versions of that one user only
+    assert counting.calls == {"search_versions": 2, "search_models": 1, "delete_version": 1}
     assert [v.version for v in registry.history(key)] == [4, 3, 1]
