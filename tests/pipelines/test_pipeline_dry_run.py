@@ -31,7 +31,7 @@ def test_dry_runs_plan_without_writing_then_follow_what_is_published(
     users = sorted({r["user_id"] for r in rows})
     data = write_jsonl(tmp_path / "data.jsonl", [*rows, {"user_id": "x", "text": ""}, {"user_id": "y", "split": "eval",
                                                                                        "text": "only eval"}])
-    args = ["--backbone", backbone, "--steps", str(STEPS), "--actor-cpus", "0.5"]
+    args = ["--backbone", backbone, "--steps", str(STEPS), "--actors", "1"]  # one actor starts soonest on 2 cores
 
     planned = cli("train", str(data), *args, "--dry-run")
     assert planned.exit_code == 0, planned.stderr

@@ -24,7 +24,7 @@ def backbone(tiny_backbones: TinyBackbones, local_ray: None) -> str:
 def test_train_then_rerun_publishes_nothing(backbone: str, local_env: dict[str, str], tmp_path: Path) -> None:
     rows = synthetic(3)
     data = write_jsonl(tmp_path / "data.jsonl", [*rows[:5], {"user_id": "x", "text": ""}, *rows[5:]])
-    args = ["train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actor-cpus", "0.5"]
+    args = ["train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actors", "1"]
 
     refused = cli(*args)
     assert refused.exit_code == 2
@@ -82,7 +82,7 @@ def test_outage_deadline_must_be_positive(local_env: dict[str, str], tmp_path: P
 def test_init_and_reparam_flags_reach_the_published_spec(backbone: str, local_env: dict[str, str],
                                                          tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "data.jsonl", synthetic(1))
-    args = ["train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actor-cpus", "0.5"]
+    args = ["train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actors", "1"]
     for flags, message in ((["--init", "words"], "--init must be random or text:"),
                            (["--init", "text:"], "--init text: needs the text after the colon"),
                            (["--method", "prompt", "--reparam-hidden", "8"], "--reparam-hidden sizes the MLP")):

@@ -24,7 +24,7 @@ def backbone(tiny_backbones: TinyBackbones, local_ray: None) -> str:
 
 
 def train(*args: str) -> dict:
-    result = cli("train", *args, "--actor-cpus", "0.5", "--json")
+    result = cli("train", *args, "--actors", "1", "--json")
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -32,7 +32,7 @@ def test_per_user_rows_stream_to_the_run_table_and_the_out_file_past_the_kept_on
     monkeypatch.setattr(tally, "KEPT", USERS - 1)  # the driver keeps fewer outcomes than the job has users
     data = write_jsonl(tmp_path / "data.jsonl", synthetic(USERS))
     out = tmp_path / "per_user.jsonl"
-    result = cli("train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actor-cpus", "0.5",
+    result = cli("train", str(data), "--backbone", backbone, "--steps", str(STEPS), "--actors", "1",
                  "--per-user-out", str(out), "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
