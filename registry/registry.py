@@ -394,14 +394,18 @@ class Registry:
         while True:
             page, token = self.catalog.search_models(f"name LIKE '{self._name_pattern(namespace)}'", token)
             for m in page:
-                key = UserKey.from_model_name(m.name, self.prefix)
-                if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
+                if key := self._user_of(m.name, namespace):
                     yield key, m
             if not token:
                 return
 
     def _name_pattern(self, namespace: str | None) -> str:
         return f"{self.prefix}.{namespace}.%" if namespace else f"{self.prefix}.%"
+
+    def _user_of(self, name: str, namespace: str | None) -> UserKey | None:
+        """The user a model name found by `_name_pattern` belongs to, if it is ours ('_' is a LIKE wildcard)."""
+        key = UserKey.from_model_name(name, self.prefix)
+        return key if key is not None and namespace in (None, key.namespace) else None
 
     def versions(self, name: str) -> Iterator[VersionRecord]:
         """Every live version record of a registered model, newest first."""
@@ -420,8 +424,7 @@ class Registry:
         while True:
             page, cursor = self.catalog.scan(self._name_pattern(namespace), cursor)
             for model, versions in page:
-                key = UserKey.from_model_name(model.name, self.prefix)
-                if key is not None and namespace in (None, key.namespace):  # '_' is a LIKE wildcard
+                if key := self._user_of(model.name, namespace):
                     yield key, model, versions
             if not cursor:
                 return

@@ -294,7 +294,7 @@ class Engine:
         elif row.settings.stop or row.on_text is not None:
             if row.reader is None:
                 row.reader = IncrementalText(self._text)
-            text = row.reader.add(token)
+            text = row.reader.read(row.tokens)
         else:
             return False
         for stop in row.settings.stop:

@@ -46,8 +46,8 @@ def test_what_is_read_is_the_whole_decode_so_far(name, data):
         return tok.decode(tokens, skip_special_tokens=True)
 
     reader = IncrementalText(decode)
-    for n, token in enumerate(ids, 1):
-        read = reader.add(token)
+    for n in range(1, len(ids) + 1):
+        read = reader.read(ids[:n])
         whole = decode(ids[:n])
         assert whole.startswith(read)
         if not whole.endswith(UNFINISHED) and UNFINISHED not in whole:
@@ -64,7 +64,7 @@ def test_a_long_row_decodes_short_windows():
         return tok.decode(tokens, skip_special_tokens=True)
 
     reader = IncrementalText(decode)
-    for token in ids:
-        reader.add(token)
+    for n in range(1, len(ids) + 1):
+        reader.read(ids[:n])
     assert reader.text == tok.decode(ids, skip_special_tokens=True) and len(ids) > 500
     assert max(widest) <= 4
